@@ -1,0 +1,45 @@
+# hvd_backup. `make demo` and `make test` set everything up on first use (see scripts/setup.sh).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+GPU ?= 0
+STAMP := $(VENV)/.setup-done-gpu$(GPU)
+LAUNCH := $(PY) -m mpi_tools.launch
+# Every multi-rank pytest run: each rank aborts with all stacks when a test passes this many seconds.
+export HVD_BACKUP_TEST_TIMEOUT ?= 240
+export HVD_BACKUP_JUNIT_DIR ?= reports
+MPI_PYTEST := $(PY) -m mpi4py -m pytest tests/mpi -q --color=no -p no:cacheprovider
+
+.PHONY: setup demo test test-unit test-mpi test-horovodrun bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh scripts/build_horovod.sh
+	GPU=$(GPU) bash scripts/setup.sh $(VENV)
+	touch $@
+
+demo: setup
+	$(PY) -m hvd_backup.demo
+
+test: setup test-unit test-mpi test-horovodrun
+
+test-unit: setup
+	$(PY) -m pytest tests/unit -q --color=no
+
+# The multi-rank suite on 2 and 4 ranks, with shared memory and again without it (TCP only).
+test-mpi: setup
+	HVD_BACKUP_RUN_TAG=np2 $(LAUNCH) -np 2 --timeout 600 -- $(MPI_PYTEST)
+	HVD_BACKUP_RUN_TAG=np4 $(LAUNCH) -np 4 --timeout 600 -- $(MPI_PYTEST)
+	HVD_BACKUP_RUN_TAG=np2-noshm $(LAUNCH) -np 2 --no-shm --timeout 600 -- $(MPI_PYTEST)
+	HVD_BACKUP_RUN_TAG=np4-noshm $(LAUNCH) -np 4 --no-shm --timeout 600 -- $(MPI_PYTEST)
+
+# One run through Horovod's own launcher.
+test-horovodrun: setup
+	HVD_BACKUP_RUN_TAG=horovodrun-np2 timeout -k 10 600 $(VENV)/bin/horovodrun -np 2 $(MPI_PYTEST) -k "optimizer or platform"
+
+bench: setup
+	$(PY) -m hvd_backup.bench
+
+clean:
+	rm -rf $(VENV) reports runs build *.egg-info

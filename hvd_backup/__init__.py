@@ -1,0 +1,38 @@
+"""hvd_backup: synchronous data-parallel SGD with backup workers for PyTorch, on Horovod and MPI.
+
+Each step waits only for the first N - b ranks whose gradients are ready (Chen et al., "Revisiting
+Distributed Synchronous SGD", 2016), decided by an MPI one-sided counter instead of a parameter server:
+
+    import horovod.torch as hvd
+    import hvd_backup
+
+    hvd.init()
+    opt = hvd_backup.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                          named_parameters=model.named_parameters(), backup_workers=1)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+The protocol is in :mod:`hvd_backup.protocol`, the wrapper in :mod:`hvd_backup.optimizer`.
+"""
+
+from .optimizer import DistributedOptimizer
+from .protocol import HangError, ProtocolError, StepRecord
+
+__version__ = "0.1.0"
+__all__ = ["DistributedOptimizer", "HangError", "ProtocolError", "StepRecord", "broadcast_parameters"]
+
+
+def broadcast_parameters(params, root_rank: int = 0, *, comm=None) -> None:
+    """Copy ``params`` (a ``state_dict()`` or ``named_parameters()``) from ``root_rank`` to every rank with
+    mpi4py: the ``backend="mpi"`` counterpart of ``hvd.broadcast_parameters``. Collective."""
+    import torch
+    from mpi4py import MPI
+
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    items = sorted(params.items()) if isinstance(params, dict) else list(params)
+    for _, tensor in items:
+        if not torch.is_tensor(tensor) or tensor.numel() == 0:
+            continue
+        host = tensor.detach().cpu().contiguous()
+        comm.Bcast(host.reshape(-1).view(torch.uint8).numpy(), root=root_rank)
+        with torch.no_grad():
+            tensor.copy_(host)

@@ -1,0 +1,93 @@
+"""Where the per-step allreduce runs: Horovod (the default) or plain mpi4py.
+
+Both expose the same small interface, used only from the protocol's communication thread:
+``start(tensor, name)`` posts an in-place nonblocking sum and returns a handle, ``done(handle)`` polls it
+without blocking, ``finish(handle)`` completes it. ``comm`` is the mpi4py communicator whose ranks are the
+backend's ranks; the arrival counter lives on it.
+"""
+
+from __future__ import annotations
+
+import torch
+from mpi4py import MPI
+
+__all__ = ["BACKENDS", "HorovodBackend", "MPIBackend", "make_backend"]
+
+BACKENDS = ("horovod", "mpi")
+
+
+class HorovodBackend:
+    """Horovod's allreduce (MPI, Gloo or NCCL underneath); the counter uses ``MPI.COMM_WORLD``."""
+
+    name = "horovod"
+
+    def __init__(self, comm: MPI.Intracomm | None = None):
+        import horovod.torch as hvd
+
+        if not hvd.is_initialized():
+            raise RuntimeError("hvd_backup: backend='horovod' needs hvd.init() before DistributedOptimizer(...)")
+        self.hvd = hvd
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        if (hvd.size(), hvd.rank()) != (self.comm.Get_size(), self.comm.Get_rank()):
+            raise RuntimeError(
+                f"hvd_backup: Horovod rank {hvd.rank()} of {hvd.size()} is MPI rank {self.comm.Get_rank()} of "
+                f"{self.comm.Get_size()}: initialise Horovod with hvd.init(comm=...) on the communicator you pass "
+                "as comm=, or launch with horovodrun/mpirun so both use the world"
+            )
+
+    def start(self, tensor: torch.Tensor, name: str):
+        return self.hvd.allreduce_async_(tensor, name=name, op=self.hvd.Sum)
+
+    def done(self, handle) -> bool:
+        return bool(self.hvd.poll(handle))
+
+    def finish(self, handle) -> None:
+        # Only after done() is true: hvd.synchronize spins on a CPU core while it waits.
+        self.hvd.synchronize(handle)
+
+
+class _MPIHandle:
+    __slots__ = ("request", "tensor", "staged")
+
+    def __init__(self, request, tensor, staged):
+        self.request, self.tensor, self.staged = request, tensor, staged
+
+
+class MPIBackend:
+    """``MPI_Iallreduce`` through mpi4py on a private duplicate of ``comm``; GPU tensors are staged on the host."""
+
+    name = "mpi"
+    _TYPES = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}
+
+    def __init__(self, comm: MPI.Intracomm | None = None):
+        self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+
+    def start(self, tensor: torch.Tensor, name: str):
+        if tensor.dtype not in self._TYPES:
+            raise TypeError(
+                f"hvd_backup: backend='mpi' reduces float32 or float64 tensors, got {tensor.dtype}; "
+                "use backend='horovod' for other types"
+            )
+        staged = tensor.cpu() if tensor.device.type != "cpu" else None
+        host = staged if staged is not None else tensor
+        request = self.comm.Iallreduce(MPI.IN_PLACE, [host.numpy(), self._TYPES[tensor.dtype]], op=MPI.SUM)
+        return _MPIHandle(request, tensor, staged)
+
+    def done(self, handle: _MPIHandle) -> bool:
+        return bool(handle.request.Test())
+
+    def finish(self, handle: _MPIHandle) -> None:
+        handle.request.Wait()
+        if handle.staged is not None:
+            handle.tensor.copy_(handle.staged)
+
+    def free(self) -> None:
+        self.comm.Free()
+
+
+def make_backend(name: str, comm: MPI.Intracomm | None = None):
+    if name == "horovod":
+        return HorovodBackend(comm)
+    if name == "mpi":
+        return MPIBackend(comm)
+    raise ValueError(f"backend={name!r} is not one of {', '.join(map(repr, BACKENDS))}")

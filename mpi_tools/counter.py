@@ -1,0 +1,157 @@
+"""The arrival counter: per-step MPI one-sided counters that decide who is in a step.
+
+One window, hosted on ``root``, holds a ring of ``slots`` 64-bit counter words and one progress word per rank.
+Step ``t`` uses word ``t % slots``. A word's value packs three counts::
+
+    value = arrivals + CLOSE * closes + STOP * stops
+
+and every operation on it is a single atomic ``MPI_Fetch_and_op``, so the order in which ranks reach a word
+*is* the order of the step:
+
+* ``arrive(t)`` adds 1 and returns the value before it. With a quorum of ``k``, the arrival is included
+  exactly when that value is ``< k``: one comparison covers "one of the first k" and "not after a close",
+  because a close adds ``CLOSE > k``.
+* ``close(t)`` adds ``CLOSE``: every later arrival sees a value ``>= CLOSE`` and is excluded, so a timeout
+  close is atomic with the arrivals and every rank agrees on who was in.
+* ``stop(t)`` adds ``STOP``: used to shut down together (all ranks stopped at the same step).
+
+A word is reset to zero by ``reset(t)`` before its reuse ``slots`` steps later; the caller must only reset a
+word once no rank can still touch it (the optimizer resets ``t - 1`` after step ``t``'s allreduce completed on
+the resetting rank, which needs ``slots >= 3``).
+
+The rank hosting the window must keep making MPI progress when one-sided operations are not done in shared
+memory (e.g. ``osc ucx`` over TCP): call :meth:`progress` from wait loops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from .deadline import Backoff, Deadline
+
+__all__ = ["ArrivalCounter", "WordState"]
+
+_INT64 = MPI.INT64_T
+
+
+@dataclass(frozen=True)
+class WordState:
+    """A decoded counter word."""
+
+    arrivals: int
+    closes: int
+    stops: int
+
+
+class ArrivalCounter:
+    """Per-step arrival counters and per-rank progress records in one RMA window.
+
+    The constructor is collective over ``comm`` (it duplicates the communicator and allocates the window);
+    :meth:`free` is collective too. All other methods are one-sided and may be called by any single rank, from
+    any one thread at a time.
+    """
+
+    CLOSE = 1 << 20
+    STOP = 1 << 40
+
+    def __init__(self, slots: int = 4, *, comm: MPI.Intracomm, root: int = 0):
+        size = comm.Get_size()
+        if slots < 3:
+            raise ValueError(f"ArrivalCounter needs slots >= 3 so a word is never reset while in use, got {slots}")
+        if size >= self.CLOSE:
+            raise ValueError(f"ArrivalCounter supports fewer than {self.CLOSE} ranks, got {size}")
+        if not 0 <= root < size:
+            raise ValueError(f"root={root} is not a rank of a communicator of size {size}")
+        self.slots = int(slots)
+        self.root = int(root)
+        self.size = size
+        self._comm = comm.Dup()
+        self.rank = self._comm.Get_rank()
+        words = self.slots + size
+        itemsize = _INT64.Get_size()
+        self._win = MPI.Win.Allocate(words * itemsize if self.rank == root else 0, itemsize, comm=self._comm)
+        if self.rank == root:
+            init = np.zeros(words, dtype=np.int64)
+            init[self.slots:] = -1  # no rank has contributed to any step yet
+            self._win.Lock(root, MPI.LOCK_EXCLUSIVE)
+            self._win.Put([init, _INT64], root)
+            self._win.Unlock(root)
+        self._comm.Barrier()
+        # One passive-target epoch for the window's whole life: each operation is then an RMA call plus a flush.
+        self._win.Lock_all()
+
+    # --- the word operations -------------------------------------------------------------------------------
+
+    def _fetch_and_op(self, value: int, disp: int, op) -> int:
+        origin = np.array([value], dtype=np.int64)
+        result = np.zeros(1, dtype=np.int64)
+        self._win.Fetch_and_op([origin, _INT64], [result, _INT64], self.root, disp, op)
+        self._win.Flush(self.root)
+        return int(result[0])
+
+    def _word(self, step: int) -> int:
+        return step % self.slots
+
+    def arrive(self, step: int) -> int:
+        """Count this rank's arrival at ``step``; return the word's value before it (the arrival order)."""
+        return self._fetch_and_op(1, self._word(step), MPI.SUM)
+
+    def close(self, step: int) -> int:
+        """Close ``step`` to further arrivals; return the word's value before the close."""
+        return self._fetch_and_op(self.CLOSE, self._word(step), MPI.SUM)
+
+    def stop(self, step: int) -> int:
+        """Record that this rank stops at ``step``; return the word's value before it."""
+        return self._fetch_and_op(self.STOP, self._word(step), MPI.SUM)
+
+    def peek(self, step: int) -> int:
+        """Read ``step``'s word atomically without changing it."""
+        return self._fetch_and_op(0, self._word(step), MPI.NO_OP)
+
+    def reset(self, step: int) -> None:
+        """Zero ``step``'s word for its next use. Only when no rank can still operate on it (see module doc)."""
+        self._fetch_and_op(0, self._word(step), MPI.REPLACE)
+
+    @classmethod
+    def decode(cls, value: int) -> WordState:
+        return WordState(arrivals=value % cls.CLOSE, closes=(value % cls.STOP) // cls.CLOSE, stops=value // cls.STOP)
+
+    # --- progress records ------------------------------------------------------------------------------------
+
+    def mark(self, step: int) -> None:
+        """Record that this rank contributed to ``step`` (read back by :meth:`read_marks` to name missing ranks)."""
+        self._fetch_and_op(step, self.slots + self.rank, MPI.REPLACE)
+
+    def read_marks(self, timeout: float) -> list[int] | None:
+        """Every rank's last marked step (-1: none), or ``None`` if the host did not answer within ``timeout``.
+
+        Bounded on purpose: it is called when something is already stuck, possibly the host itself.
+        """
+        buf = np.zeros(self.size, dtype=np.int64)
+        req = self._win.Rget([buf, _INT64], self.root, target=(self.slots, self.size, _INT64))
+        if not Backoff(1e-4, 1e-2).poll(req.Test, Deadline(timeout), between=self.progress):
+            return None
+        return [int(x) for x in buf]
+
+    def progress(self) -> None:
+        """Let MPI make progress (serves other ranks' one-sided operations where the transport needs it)."""
+        self._comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
+
+    # --- lifetime --------------------------------------------------------------------------------------------
+
+    def free(self) -> None:
+        """Release the window and the communicator. Collective."""
+        if self._win == MPI.WIN_NULL:
+            return
+        self._win.Unlock_all()
+        self._win.Free()
+        self._comm.Free()
+
+    def __enter__(self) -> "ArrivalCounter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()

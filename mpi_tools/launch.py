@@ -1,0 +1,97 @@
+"""Start an MPI job on this machine with a hard deadline: the one place that knows mpirun's flags.
+
+    python -m mpi_tools.launch -np 4 [--no-shm] [--timeout 300] -- python -m mpi4py -m pytest tests/mpi
+
+* ``--oversubscribe`` (more ranks than cores) and, as root, Open MPI's allow-run-as-root variables;
+* ``--no-shm`` takes shared memory out of the transports (``btl tcp,self``; one-sided operations through UCX
+  over TCP), so one machine exercises the multi-node code paths of one-sided MPI;
+* the whole job runs in its own process group and is killed when the deadline passes (exit code 124).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+__all__ = ["mpirun_command", "mpirun_env", "run"]
+
+TIMED_OUT = 124
+
+
+def mpirun_command(np: int, argv: list[str], *, shm: bool = True, tag_output: bool = False) -> list[str]:
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise FileNotFoundError("mpirun is not on PATH: run `make setup`, or load your cluster's MPI module")
+    cmd = [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", "none"]
+    if tag_output:
+        cmd.append("--tag-output")
+    if not shm:
+        cmd += ["--mca", "btl", "tcp,self", "--mca", "osc", "ucx", "-x", "UCX_TLS=tcp,self"]
+    return cmd + list(argv)
+
+
+def mpirun_env(env: dict | None = None) -> dict:
+    env = dict(os.environ if env is None else env)
+    if os.geteuid() == 0:
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run(np: int, argv: list[str], *, timeout: float, shm: bool = True, tag_output: bool = False,
+        env: dict | None = None, capture: bool = False, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``argv`` on ``np`` ranks; kill the whole job after ``timeout`` seconds (returncode 124)."""
+    cmd = mpirun_command(np, argv, shm=shm, tag_output=tag_output)
+    return run_with_deadline(cmd, timeout=timeout, env=mpirun_env(env), capture=capture, cwd=cwd)
+
+
+def run_with_deadline(cmd: list[str], *, timeout: float, env: dict | None = None, capture: bool = False,
+                      cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the group and return code 124."""
+    out = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT if capture else None,
+                            text=True, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            stdout, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, _ = proc.communicate()
+        code = TIMED_OUT
+        message = f"mpi_tools.launch: killed after the {timeout:g}s deadline: {' '.join(cmd)}"
+        if capture:
+            stdout = (stdout or "") + message + "\n"
+        else:
+            print(message, file=sys.stderr, flush=True)
+    return subprocess.CompletedProcess(cmd, code, stdout, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mpi_tools.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-np", "--np", type=int, required=True, help="number of ranks")
+    parser.add_argument("--timeout", type=float, default=600.0, help="kill the job after this many seconds")
+    parser.add_argument("--no-shm", action="store_true", help="no shared memory: TCP transports only")
+    parser.add_argument("--tag-output", action="store_true", help="prefix every output line with its rank")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the program and its arguments")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given (put it after --)")
+    if args.np < 1:
+        parser.error(f"-np {args.np}: need at least one rank")
+    cmd = mpirun_command(args.np, command, shm=not args.no_shm, tag_output=args.tag_output)
+    print("+", " ".join(cmd), flush=True)
+    return run_with_deadline(cmd, timeout=args.timeout, env=mpirun_env()).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Build Horovod 0.28.1 (the last release) from its PyPI sdist into the virtual environment given as $1.
+#
+# Why this script exists: Horovod 0.28.1 predates torch 2.1. Its CMake pins C++14 (torch >= 2.1 headers need
+# C++17, torch 2.14 needs C++20) and builds its CUDA kernels as C++11 (nvcc 13 accepts C++17 at the least).
+# We raise those three standards in the unpacked sdist and build with pip --no-build-isolation, so the
+# extension is compiled against the torch in the venv. Delete this script once a Horovod release supports
+# torch >= 2.1 and `pip install horovod` works again.
+#
+# Environment: GPU=1 adds NCCL operations (NCCL from $HOROVOD_NCCL_HOME, else the nvidia-nccl wheel that
+# torch's CUDA build brings). MAKEFLAGS defaults to -j$(nproc).
+set -euo pipefail
+venv=${1:?usage: build_horovod.sh VENV}
+version=0.28.1
+py="$venv/bin/python"
+work=$(mktemp -d "${TMPDIR:-/tmp}/horovod-build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+"$py" -m pip download -q --no-deps --no-binary :all: "horovod==$version" -d "$work"
+tar -xzf "$work/horovod-$version.tar.gz" -C "$work"
+src="$work/horovod-$version"
+
+# The build fix, all of it: raise the C++ standards.
+sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 20)/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
+sed -i 's/set(CMAKE_CUDA_STANDARD 11)/set(CMAKE_CUDA_STANDARD 17)/' "$src/horovod/common/ops/cuda/CMakeLists.txt"
+grep -q 'CMAKE_CXX_STANDARD 20' "$src/horovod/torch/CMakeLists.txt" || { echo "build_horovod.sh: the C++ standard patch no longer applies" >&2; exit 1; }
+if [ "${GPU:-0}" != 1 ]; then
+  # CPU build: do not compile CUDA kernels just because torch is a CUDA build (saves minutes, needs no nvcc).
+  sed -i 's/^string(TOUPPER "${Pytorch_CUDA}" Pytorch_CUDA)$/&\nset(Pytorch_CUDA FALSE)/' "$src/cmake/Modules/FindPytorch.cmake"
+  grep -q '^set(Pytorch_CUDA FALSE)' "$src/cmake/Modules/FindPytorch.cmake" || { echo "build_horovod.sh: the CPU-only patch no longer applies" >&2; exit 1; }
+fi
+
+export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
+export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+export MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}
+# torch looks for CUDA beside `nvcc`; a wrapper script on PATH (as /usr/local/bin/nvcc here) hides the toolkit.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+if [ -n "${CUDA_HOME:-}" ]; then export HOROVOD_CUDA_HOME=${HOROVOD_CUDA_HOME:-$CUDA_HOME}; fi
+if [ "${GPU:-0}" = 1 ]; then
+  export HOROVOD_GPU_OPERATIONS=NCCL
+  if [ -z "${HOROVOD_NCCL_HOME:-}" ]; then
+    HOROVOD_NCCL_HOME=$("$py" -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null \
+      || "$py" -c 'import nvidia, os, glob; print(glob.glob(os.path.join(nvidia.__path__[0], "*", "include", "nccl.h"))[0].rsplit("/include/", 1)[0])')
+    export HOROVOD_NCCL_HOME
+  fi
+  echo "build_horovod.sh: NCCL from $HOROVOD_NCCL_HOME"
+fi
+"$py" -m pip install --no-build-isolation --no-deps --no-cache-dir "$src"
