@@ -11,7 +11,7 @@ export HVD_BACKUP_TEST_TIMEOUT ?= 240
 export HVD_BACKUP_JUNIT_DIR ?= reports
 MPI_PYTEST := $(PY) -m mpi4py -m pytest tests/mpi -q --color=no -p no:cacheprovider
 
-.PHONY: setup demo test test-unit test-mpi test-horovodrun bench clean
+.PHONY: setup demo test test-unit test-mpi test-horovodrun test-train bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml scripts/setup.sh scripts/build_horovod.sh
 demo: setup
 	$(PY) -m hvd_backup.demo
 
-test: setup test-unit test-mpi test-horovodrun
+test: setup test-unit test-mpi test-horovodrun test-train
 
 test-unit: setup
 	$(PY) -m pytest tests/unit -q --color=no
@@ -37,6 +37,10 @@ test-mpi: setup
 # One run through Horovod's own launcher.
 test-horovodrun: setup
 	HVD_BACKUP_RUN_TAG=horovodrun-np2 timeout -k 10 600 $(VENV)/bin/horovodrun -np 2 $(MPI_PYTEST) -k "optimizer or platform"
+
+# The trainer end to end (real mpirun jobs) and its bad-input table.
+test-train: setup
+	$(PY) -m pytest tests/e2e -q --color=no
 
 bench: setup
 	$(PY) -m hvd_backup.bench

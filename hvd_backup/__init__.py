@@ -14,11 +14,21 @@ Distributed Synchronous SGD", 2016), decided by an MPI one-sided counter instead
 The protocol is in :mod:`hvd_backup.protocol`, the wrapper in :mod:`hvd_backup.optimizer`.
 """
 
-from .optimizer import DistributedOptimizer
-from .protocol import HangError, ProtocolError, StepRecord
+import importlib
+
+from .errors import HangError, ProtocolError
 
 __version__ = "0.1.0"
 __all__ = ["DistributedOptimizer", "HangError", "ProtocolError", "StepRecord", "broadcast_parameters"]
+
+# Imported on first use, so that the command line can reject bad flags before paying for importing torch.
+_LAZY = {"DistributedOptimizer": "optimizer", "StepRecord": "protocol"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def broadcast_parameters(params, root_rank: int = 0, *, comm=None) -> None:

@@ -242,6 +242,12 @@ class _Consensus:
         self.hyper.apply(opt.param_groups, hyper)
         self.base.step(opt)
 
+    def live_params(self):
+        return self.all_params
+
+    def consensus_params(self):
+        return [p for g in self.shadow.param_groups for p in g["params"]]
+
     def apply_live(self, flat, hyper) -> None:
         self._apply(self.opt, self.params, flat, hyper)
 
@@ -337,26 +343,48 @@ class _BackupOptimizer(torch.optim.Optimizer):
         """The number of updates applied to this rank's parameters (the same on all ranks after ``step()``)."""
         return self._hvdb_engine.version
 
-    def step(self, closure=None):
+    def step(self, closure=None, *, loss=None):
         """Hand in this rank's gradients and return once its parameters hold the next global step.
+
+        ``loss`` (optional; a closure's result is used when given) is shared with the other ranks in the
+        step's records, so rank 0 can log the mean loss of the included ranks.
 
         ``self.last_step`` then says what happened: who was included, and whether this rank's gradient
         counted (``"included"``), came too late (``"dropped"``), or was computed on parameters that were
         already superseded, so that it was discarded and the parameters caught up (``"caught_up"``).
         """
-        loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        reported = None if loss is None else float(loss)
         if self._hvdb_closed:
             raise RuntimeError("hvd_backup: step() after close()")
         engine = self._hvdb_engine
         compute_s = time.monotonic() - self._hvdb_ready_at
         consensus = self._hvdb_consensus
         consensus.flatten()
-        self.last_step = engine.submit(consensus.hyper.snapshot(self.param_groups), compute_s)
+        self.last_step = engine.submit(consensus.hyper.snapshot(self.param_groups), compute_s, reported)
         self._hvdb_ready_at = time.monotonic()
         return loss
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once some rank called :meth:`request_stop` and a step carried it: every rank sees it after
+        the same global step, so ``while ... and not opt.stop_requested`` ends all ranks' loops together."""
+        return self._hvdb_engine.stop_requested
+
+    def request_stop(self) -> None:
+        """Ask all ranks to stop after the next step (e.g. from a SIGUSR1 handler before preemption)."""
+        self._hvdb_engine.request_stop()
+
+    def keep_snapshots(self, every: int) -> None:
+        """Keep a copy of the parameters at every global step that is a multiple of ``every``, so that all
+        ranks can evaluate exactly that step even if some have moved past it (:meth:`parameters_at`)."""
+        self._hvdb_engine.snapshot_every = int(every) if every else None
+
+    def parameters_at(self, step: int) -> list[torch.Tensor] | None:
+        """The parameters (in ``param_groups`` order) at global ``step``, kept by :meth:`keep_snapshots`."""
+        return self._hvdb_engine.take_snapshot(step)
 
     def pop_records(self) -> list[StepRecord]:
         """Records of every step completed since the last call (rank-independent fields), oldest first."""

@@ -31,6 +31,7 @@ Every global step ``t``, on every one of the N ranks, with quorum ``k = N - b``:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 import sys
@@ -43,18 +44,15 @@ from mpi4py import MPI
 
 from mpi_tools import ArrivalCounter, Backoff, ClockSync, Deadline
 
+from .errors import HangError, ProtocolError
+
 __all__ = ["HangError", "ProtocolError", "StepEngine", "StepRecord"]
 
 # Arrival status codes in the metadata allreduce.
 _ABSENT, _LATE, _IN = 0.0, 1.0, 2.0
-
-
-class HangError(RuntimeError):
-    """A step did not complete within ``hang_timeout``."""
-
-
-class ProtocolError(RuntimeError):
-    """The ranks disagree about a step (a bug, or ranks running different programs)."""
+# The metadata allreduce (float64): per-rank blocks of N values, then the first arriver's hyper-parameters.
+_ARRIVAL, _STATUS, _COMPUTE, _LOSS, _STOP = range(5)
+_BLOCKS = 5
 
 
 @dataclass(frozen=True)
@@ -77,6 +75,14 @@ class StepRecord:
     arrival_s: tuple[float | None, ...]  # per rank, seconds after the step's first arrival; None: did not arrive
     compute_s: tuple[float | None, ...]  # per rank, compute time of the gradient it handed in during this step
     duration_s: float  # this rank: from the previous step's completion to this one's
+    loss: tuple[float | None, ...] = ()  # per rank, the loss it reported with the gradient it handed in
+    stop_requested: bool = False  # some rank asked the group to stop after this step (request_stop)
+
+    @property
+    def mean_loss(self) -> float | None:
+        """Mean loss over the included ranks that reported one."""
+        values = [self.loss[r] for r in self.included if r < len(self.loss) and self.loss[r] is not None]
+        return sum(values) / len(values) if values else None
 
     @property
     def dropped(self) -> tuple[int, ...]:
@@ -91,6 +97,7 @@ class _Submission:
     hyper: list[float]
     compute_s: float
     submitted_at: float
+    loss: float | None = None
     arrived: bool = False
     reply: StepRecord | None = None
     status: str = ""
@@ -146,7 +153,11 @@ class StepEngine:
         self.clock = ClockSync(comm=comm)
         self.counter = ArrivalCounter(slots, comm=comm, root=0)
         n = self.size
-        self._meta = torch.zeros(3 * n + hyper_len, dtype=torch.float64)
+        self._meta = torch.zeros(_BLOCKS * n + hyper_len, dtype=torch.float64)
+        self.snapshot_every: int | None = None
+        self._snapshots: dict[int, list[torch.Tensor]] = {}
+        self.stop_requested = False
+        self._stop_wanted = False
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=history)
 
         self._cond = threading.Condition()
@@ -179,10 +190,10 @@ class StepEngine:
         self._thread.start()
         self._watchdog.start()
 
-    def submit(self, hyper: list[float], compute_s: float) -> StepRecord:
+    def submit(self, hyper: list[float], compute_s: float, loss: float | None = None) -> StepRecord:
         """Hand in the gradient now in ``model.send`` (computed on version ``self.version``); block until this
         rank's parameters are updated; return the step's record. Raises the thread's error, if any."""
-        sub = _Submission(self.version, hyper, compute_s, time.monotonic())
+        sub = _Submission(self.version, hyper, compute_s, time.monotonic(), loss)
         with self._cond:
             self._raise_if_failed()
             self._submitted = True
@@ -192,6 +203,15 @@ class StepEngine:
                 self._raise_if_failed()
                 self._cond.wait(0.5)
         return sub.reply
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop after the next step this rank takes part in (safe in a signal handler)."""
+        self._stop_wanted = True
+
+    def take_snapshot(self, step: int) -> list[torch.Tensor] | None:
+        """The parameters as they were at global step ``step`` (a multiple of ``snapshot_every``), once."""
+        with self._cond:
+            return self._snapshots.pop(step, None)
 
     def rebase(self, step: int) -> None:
         """Start counting global steps at ``step`` (a restored checkpoint's); only before the first submit."""
@@ -314,13 +334,17 @@ class StepEngine:
             buf.zero_()
         meta = self._meta
         meta.zero_()
+        me = self.rank
         sub = st.submission
         if sub is not None:
-            meta[self.rank] = st.arrived_at
-            meta[n + self.rank] = _IN if included else _LATE
-            meta[2 * n + self.rank] = sub.compute_s
+            meta[_ARRIVAL * n + me] = st.arrived_at
+            meta[_STATUS * n + me] = _IN if included else _LATE
+            meta[_COMPUTE * n + me] = sub.compute_s
+            meta[_LOSS * n + me] = math.nan if sub.loss is None else sub.loss
             if st.order == 0:
-                meta[3 * n:] = torch.tensor(sub.hyper, dtype=torch.float64)
+                meta[_BLOCKS * n:] = torch.tensor(sub.hyper, dtype=torch.float64)
+        if self._stop_wanted:
+            meta[_STOP * n + me] = 1.0
         if self._busy_since is None:
             self._busy_since = time.monotonic()
         self.counter.mark(t)
@@ -328,16 +352,19 @@ class StepEngine:
         self._wait_reduced(st, handles)
 
         count = int(round(float(buf[-1])))
-        status = meta[n:2 * n]
-        ins = tuple(int(r) for r in torch.nonzero(status == _IN).flatten())
+        block = meta[: _BLOCKS * n].view(_BLOCKS, n).tolist()
+        status = block[_STATUS]
+        ins = tuple(r for r in range(n) if status[r] == _IN)
         if count != len(ins) or count < 1:
             raise ProtocolError(f"step {t}: reduced count {count} but ranks {list(ins)} say they were included")
         buf[:-1].div_(count)  # reweight: the mean over the gradients that were in, not over N
-        hyper = meta[3 * n:].tolist()
-        arrived = status >= _LATE
-        first = float(meta[:n][arrived].min()) if bool(arrived.any()) else 0.0
-        arrival_s = tuple(float(meta[r]) - first if bool(arrived[r]) else None for r in range(n))
-        compute_s = tuple(float(meta[2 * n + r]) if bool(arrived[r]) else None for r in range(n))
+        hyper = meta[_BLOCKS * n:].tolist()
+        arrived = [status[r] >= _LATE for r in range(n)]
+        first = min((block[_ARRIVAL][r] for r in range(n) if arrived[r]), default=0.0)
+        arrival_s = tuple(block[_ARRIVAL][r] - first if arrived[r] else None for r in range(n))
+        compute_s = tuple(block[_COMPUTE][r] if arrived[r] else None for r in range(n))
+        losses = tuple(block[_LOSS][r] if arrived[r] and math.isfinite(block[_LOSS][r]) else None for r in range(n))
+        stop = any(block[_STOP])
         closed_by = "all" if count == n else "quorum" if count == self.quorum else "timeout"
 
         with self._cond:
@@ -346,6 +373,7 @@ class StepEngine:
             model.apply_live(buf, hyper)
             self.version = t + 1
             status_here = "included" if included else "dropped"
+            self._snapshot(t + 1, model.live_params())
         else:
             if self.consensus_version != t:
                 if self.version != t:
@@ -355,6 +383,7 @@ class StepEngine:
             model.apply_consensus(buf, hyper)
             self.consensus_version = t + 1
             status_here = "absent"
+            self._snapshot(t + 1, model.consensus_params())
             if self.max_lag is not None and t + 1 - self.version > self.max_lag:
                 raise ProtocolError(
                     f"rank {self.rank}: its training thread is {t + 1 - self.version} steps behind at step {t}, "
@@ -362,13 +391,22 @@ class StepEngine:
                 )
         now = time.monotonic()
         record = StepRecord(t, n, count, ins, closed_by, status_here, 0.0, arrival_s, compute_s,
-                            now - self._last_done)
+                            now - self._last_done, losses, stop)
         self._last_done = now
+        if stop:
+            self.stop_requested = True
         self.records.append(record)
         if status_here != "absent":
             self._reply(pending, record, status_here)
         elif pending is not None:  # a stale gradient handed in while the step ran
             self._catch_up(pending)
+
+    def _snapshot(self, version: int, params) -> None:
+        every = self.snapshot_every
+        if every and version % every == 0:
+            copy = [p.detach().clone() for p in params]
+            with self._cond:
+                self._snapshots[version] = copy
 
     def _wait_reduced(self, st: _StepState, handles) -> None:
         """Wait for the step's allreduces; the first arriver closes the step on ``straggler_timeout``."""
@@ -402,8 +440,7 @@ class StepEngine:
 
     def _reply(self, sub: _Submission, record: StepRecord, status: str) -> None:
         wait = time.monotonic() - sub.submitted_at
-        reply = StepRecord(record.step, record.size, record.count, record.included, record.closed_by, status,
-                           wait, record.arrival_s, record.compute_s, record.duration_s)
+        reply = dataclasses.replace(record, status=status, wait_s=wait)
         with self._cond:
             sub.reply = reply
             if self._pending is sub:

@@ -20,15 +20,25 @@ if ! command -v mpicc >/dev/null 2>&1 || ! command -v mpirun >/dev/null 2>&1; th
   fi
 fi
 
-# 2. The virtual environment, with the pinned torch/torchvision and mpi4py compiled by this MPI's mpicc.
+# 2. The virtual environment, with the pinned torch/torchvision, this package, and an mpi4py that uses this MPI.
 python=${PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "$python is older than Python 3.10"
 [ -x "$venv/bin/python" ] || { say "creating $venv"; "$python" -m venv "$venv"; }
 py="$venv/bin/python"
 if ! "$py" -c 'import hvd_backup, mpi4py, torch, torchvision, tqdm, pytest, matplotlib, sklearn' >/dev/null 2>&1; then
-  say "installing torch, mpi4py (built with $(command -v mpicc)) and hvd_backup into $venv"
-  "$py" -m pip install -q --upgrade pip setuptools wheel
-  MPICC=$(command -v mpicc) "$py" -m pip install -q --no-binary mpi4py -e "$here[test,plots]"
+  say "installing torch, mpi4py and hvd_backup into $venv"
+  "$py" -m pip install -q -e "$here[test,plots]"
+fi
+# mpi4py's wheel loads the MPI library found at run time (Open MPI and MPICH ABIs). Compile it with this MPI's
+# mpicc when asked (MPI4PY_FROM_SOURCE=1) or when the wheel does not pick up the MPI on PATH (4 minutes here).
+vendor=$(mpirun --version 2>/dev/null | head -n 1 | sed -E 's/^[^(]*\(([^)]*)\).*/\1/')
+if [ "${MPI4PY_FROM_SOURCE:-0}" = 1 ] \
+   || ! "$py" -c 'import sys; from mpi4py import MPI; sys.exit(sys.argv[1] not in MPI.Get_library_version())' "$vendor" 2>/dev/null; then
+  # The wheel carries one extension per MPI ABI (MPI.mpich*.so, MPI.openmpi*.so); a compiled one has one.
+  if "$py" -c 'import glob, os, sys, mpi4py; sys.exit(not glob.glob(os.path.dirname(mpi4py.__file__) + "/MPI.mpich*"))'; then
+    say "compiling mpi4py with $(command -v mpicc)"
+    MPICC=$(command -v mpicc) "$py" -m pip install -q --force-reinstall --no-deps --no-binary mpi4py "mpi4py>=4"
+  fi
 fi
 
 # 3. Horovod, built for this torch (see build_horovod.sh for why it is not a plain dependency).

@@ -1,0 +1,87 @@
+"""Train an image classifier with backup workers (or plain sync / async SGD, for comparison).
+
+    horovodrun -np 4 hvd-backup-train                                    # digits, b=1, to >= 0.95 in a minute
+    horovodrun -np 8 hvd-backup-train --backup-workers 2 --straggler 'exp:mean=0.02'
+    mpirun -np 4 hvd-backup-train --backend mpi --straggler 'fixed:delay=0.5,rank=3'   # no Horovod needed
+    srun hvd-backup-train --dataset imagenet --data /datasets/imagenet -a resnet50 -b 64 --epochs 90 \\
+        --backup-workers 2 --checkpoint-dir ckpt --checkpoint-every 1000 --resume
+
+The loop runs on the global step: a rank that was dropped catches up instead of computing every step, so
+epochs, evaluations, checkpoints and the end are decided by global steps that all ranks agree on. SIGUSR1
+(e.g. Slurm's ``--signal``) makes every rank stop after the same step; rank 0 writes a checkpoint and the job
+exits with code 3 (``EXIT_PREEMPTED``), for a batch script to requeue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import traceback
+
+EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED = 0, 2, 3
+
+
+def print0(*args, **kw):
+    if _RANK == 0:
+        print(*args, **kw, flush=True)
+
+
+_RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", os.environ.get("SLURM_PROCID", "0"))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job; bad input gives one line from rank 0 and exit code 2 on every rank, never a hang."""
+    global _RANK
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    _RANK = comm.Get_rank()
+    from .errors import HangError, ProtocolError, UserError, agree
+
+    try:
+        from .config import parse_args
+
+        quiet = contextlib.redirect_stdout(io.StringIO()) if _RANK else contextlib.nullcontext()
+        with quiet:  # --help once, not once per rank
+            cfg = agree(comm, lambda: parse_args(argv))
+        _check_same_flags(comm, cfg)
+        agree(comm, lambda: cfg.check_world(comm.Get_size()))
+        from .trainer import Trainer
+
+        trainer = agree(comm, lambda: Trainer(cfg, comm))
+        return trainer.run()
+    except UserError as exc:
+        print0(f"hvd-backup-train: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (HangError, ProtocolError) as exc:
+        # Already explained by the protocol's thread; take every rank down now rather than wait for it.
+        print(f"hvd-backup-train: rank {_RANK}: {exc}", file=sys.stderr, flush=True)
+        comm.Abort(1)
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.Abort(1)
+    return 1
+
+
+def _check_same_flags(comm, cfg) -> None:
+    from .errors import UserError
+
+    everyone = comm.allgather(cfg.public())
+    for rank, theirs in enumerate(everyone):
+        for key, value in theirs.items():
+            if value != everyone[0][key]:
+                raise UserError(f"flags differ across ranks: rank 0 has --{key.replace('_', '-')}={everyone[0][key]!r}, "
+                                f"rank {rank} has {value!r}")
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,361 @@
+"""The training job behind ``hvd-backup-train``: set-up, the global-step loop, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import ShardBatches, eval_loader, load_dataset, shard_loader
+from .errors import UserError, agree
+from .metrics import MetricsFile, format_step
+from .models import build_model, default_arch, model_names
+from .protocol import StepRecord
+
+__all__ = ["Trainer"]
+
+EXIT_OK, EXIT_PREEMPTED = 0, 3
+
+
+def _print0(rank, *args, **kw):
+    if rank == 0:
+        print(*args, **kw, flush=True)
+
+
+def _local_rank() -> int:
+    for name in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+class _SyncOptimizer:
+    """``hvd.DistributedOptimizer`` (the plain synchronous baseline) behind the interface the loop uses."""
+
+    def __init__(self, hvd, opt, comm):
+        self.hvd, self.opt, self.comm = hvd, opt, comm
+        self.size, self.rank = comm.Get_size(), comm.Get_rank()
+        self.global_step = 0
+        self.param_groups = opt.param_groups
+        self._stop_wanted = False
+        self.stop_requested = False
+        self._records: list[StepRecord] = []
+        self.last_step: StepRecord | None = None
+        self._last = time.monotonic()
+
+    def zero_grad(self):
+        self.opt.zero_grad()
+
+    def step(self, loss=None):
+        t0 = time.monotonic()
+        self.opt.step()
+        now = time.monotonic()
+        everyone = tuple(range(self.size))
+        rec = StepRecord(self.global_step, self.size, self.size, everyone, "all", "included", now - t0, (), (),
+                         now - self._last, (None if loss is None else float(loss),) + (None,) * (self.size - 1))
+        self._last = now
+        self.global_step += 1
+        self._records.append(rec)
+        self.last_step = rec
+        if self.global_step % 10 == 0:  # agree on a stop request every few steps (one tiny allreduce)
+            flag = torch.tensor([1.0 if self._stop_wanted else 0.0])
+            self.stop_requested = bool(self.hvd.allreduce(flag, op=self.hvd.Max, name="hvd_backup.stop")[0] > 0)
+
+    def pop_records(self):
+        out, self._records = self._records, []
+        return out
+
+    def request_stop(self):
+        self._stop_wanted = True
+
+    def keep_snapshots(self, every):
+        pass
+
+    def parameters_at(self, step):
+        return None  # every rank is at every step: evaluate the live parameters
+
+    def state_dict(self):
+        return dict(self.opt.state_dict(), hvd_backup={"global_step": self.global_step})
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        extra = state.pop("hvd_backup", {"global_step": 0})
+        self.opt.load_state_dict(state)
+        self.global_step = int(extra["global_step"])
+
+    def close(self):
+        pass
+
+
+class Trainer:
+    """Built in two phases so every rank agrees on bad input before any collective: the constructor does only
+    local work (data, model, schedule); :meth:`setup` makes the optimizer and restores a checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, comm):
+        self.cfg, self.comm = cfg, comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        if cfg.arch == "list":
+            self.arch = "list"
+            return
+        self.needs_hvd = cfg.mode == "sync" or (cfg.mode == "backup" and cfg.backend == "horovod")
+        self.device = torch.device(f"cuda:{_local_rank() % torch.cuda.device_count()}") \
+            if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.b = cfg.backup_workers if cfg.mode == "backup" else 0
+        from mpi_tools import StragglerInjector
+
+        self.injector = StragglerInjector(cfg.straggler, rank=self.rank, size=self.size, seed=cfg.seed)
+        self.split = load_dataset(cfg.dataset, data=cfg.data, download=cfg.download and self.rank == 0,
+                                  image_size=cfg.image_size, num_classes=cfg.num_classes,
+                                  synthetic_size=cfg.synthetic_size, seed=cfg.seed)
+        self.arch = cfg.arch or default_arch(cfg.dataset)
+        torch.manual_seed(cfg.seed)  # the same initial model on every rank (and broadcast from rank 0 anyway)
+        self.model = build_model(self.arch, num_classes=self.split.num_classes, channels=self.split.channels)
+        self.model.to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.steps_per_epoch = self._sampler(0, 0).batches
+        self.total = cfg.steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.effective_batch = (self.size - self.b) * cfg.batch_size
+        self.peak_lr = cfg.lr * self.effective_batch / cfg.lr_base_batch
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.resume_path = None
+        if cfg.resume:
+            self.resume_path = ckpt.latest_checkpoint(cfg.checkpoint_dir) if cfg.resume == "latest" else cfg.resume
+            if self.resume_path is not None:
+                self.resume_state = ckpt.load_checkpoint(self.resume_path, expect=self._identity())
+        self._eval_model = None
+
+    # --- set-up ----------------------------------------------------------------------------------------------
+
+    def _identity(self) -> dict:
+        return {"arch": self.arch, "dataset": self.cfg.dataset, "num_classes": self.split.num_classes}
+
+    def _sampler(self, epoch: int, start: int) -> ShardBatches:
+        return ShardBatches(len(self.split.train), rank=self.rank, size=self.size, batch_size=self.cfg.batch_size,
+                            seed=self.cfg.seed, epoch=epoch, start=start)
+
+    def setup(self) -> None:
+        """Collective: Horovod, the distributed optimizer, resume, broadcast of the initial parameters."""
+        cfg = self.cfg
+        hvd = None
+        if self.needs_hvd:
+            try:
+                import horovod.torch as hvd
+            except ImportError:
+                raise UserError("Horovod is not installed here: run `make setup`, or use --backend mpi") from None
+            hvd.init(comm=self.comm)
+        base = torch.optim.SGD(self.model.parameters(), lr=self.peak_lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+        if cfg.mode == "backup":
+            import hvd_backup
+
+            self.opt = hvd_backup.DistributedOptimizer(
+                base, self.model.named_parameters(), backup_workers=self.b, straggler_timeout=cfg.straggler_timeout,
+                min_workers=cfg.min_workers, hang_timeout=cfg.hang_timeout, max_lag=cfg.max_lag, backend=cfg.backend)
+            if cfg.eval_every:
+                self.opt.keep_snapshots(cfg.eval_every)
+        elif cfg.mode == "sync":
+            self.opt = _SyncOptimizer(hvd, hvd.DistributedOptimizer(
+                base, named_parameters=self.model.named_parameters()), self.comm)
+        else:
+            from .async_sgd import AsyncOptimizer
+
+            self.opt = AsyncOptimizer(base, comm=self.comm)
+        if self.resume_path is not None:
+            self.model.load_state_dict(self.resume_state["model"])
+            self.opt.load_state_dict(self.resume_state["optimizer"])
+            _print0(self.rank, f"resumed from {self.resume_path} at global step {self.opt.global_step}")
+        elif cfg.resume:
+            _print0(self.rank, f"no checkpoint in {cfg.checkpoint_dir}: starting from scratch")
+        if hvd is not None:
+            hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        else:
+            import hvd_backup
+
+            hvd_backup.broadcast_parameters(self.model.state_dict(), root_rank=0, comm=self.comm)
+
+    # --- schedule ----------------------------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return self.peak_lr * (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            span = max(1, self.total - cfg.warmup_steps)
+            return 0.5 * self.peak_lr * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+        epoch = step / self.steps_per_epoch
+        return self.peak_lr * cfg.lr_gamma ** sum(epoch >= e for e in cfg.step_epochs)
+
+    # --- evaluation --------------------------------------------------------------------------------------------
+
+    def evaluate(self, params=None) -> dict:
+        """Top-1/top-5 and loss over the whole test set, shared across ranks (collective)."""
+        model = self.model
+        if params is not None:
+            if self._eval_model is None:
+                self._eval_model = copy.deepcopy(self.model)
+            model = self._eval_model
+            model.load_state_dict(self.model.state_dict())
+            with torch.no_grad():
+                for p, value in zip(model.parameters(), params):
+                    p.copy_(value)
+        loader = eval_loader(self.split.test, rank=self.rank, size=self.size, batch_size=max(64, self.cfg.batch_size),
+                             workers=self.cfg.workers, pin_memory=self.device.type == "cuda")
+        sums = np.zeros(4)  # top-1 hits, top-5 hits, loss sum, samples
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), self._autocast():
+            for x, y in loader:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                out = model(x)
+                top = out.topk(min(5, out.shape[1]), dim=1).indices
+                sums += [float((top[:, 0] == y).sum()), float((top == y[:, None]).any(1).sum()),
+                         float(torch.nn.functional.cross_entropy(out.float(), y, reduction="sum")), len(y)]
+        model.train(was_training)
+        self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        n = max(1.0, sums[3])
+        return {"top1": sums[0] / n, "top5": sums[1] / n if self.split.num_classes > 5 else None,
+                "loss": sums[2] / n, "samples": int(sums[3])}
+
+    def _autocast(self):
+        if self.cfg.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+
+    def save(self, step: int) -> None:
+        if self.rank != 0 or not self.cfg.checkpoint_dir:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                 "config": dict(self._identity(), mode=self.cfg.mode), "world_size": self.size,
+                 "epoch": step // self.steps_per_epoch}
+        path = ckpt.save_checkpoint(state, self.cfg.checkpoint_dir, step, keep=self.cfg.keep_checkpoints)
+        print(f"checkpoint {path}", flush=True)
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg, rank = self.cfg, self.rank
+        if self.arch == "list":
+            _print0(rank, "\n".join(model_names()))
+            return EXIT_OK
+        agree(self.comm, self.setup)
+        metrics = MetricsFile(cfg.metrics if rank == 0 else None)
+        try:
+            if cfg.evaluate:
+                result = self.evaluate()
+                _print0(rank, self._eval_line(self.opt.global_step, result))
+                metrics.write(dict(type="eval", step=self.opt.global_step, **result))
+                return EXIT_OK
+            return self._train(metrics)
+        finally:
+            metrics.close()
+            self.opt.close()
+
+    def _eval_line(self, step, r) -> str:
+        top5 = "" if r["top5"] is None else f" top5 {r['top5']:.4f}"
+        return f"eval step {step:>7d} | top1 {r['top1']:.4f}{top5} | loss {r['loss']:.4f} | {r['samples']} samples"
+
+    def _train(self, metrics: MetricsFile) -> int:
+        cfg, rank, opt, model = self.cfg, self.rank, self.opt, self.model
+        signal.signal(signal.SIGUSR1, lambda *_: opt.request_stop())
+        # Open MPI gives ranks a pseudo-terminal even when mpirun's output goes to a file: "auto" means lines there.
+        under_ompi = "OMPI_COMM_WORLD_SIZE" in os.environ
+        use_bar = rank == 0 and (cfg.progress == "bar" or (cfg.progress == "auto" and sys.stdout.isatty()
+                                                           and not under_ompi))
+        bar = None
+        if use_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total, initial=opt.global_step, unit="step", dynamic_ncols=True)
+        spe = self.steps_per_epoch
+        g = opt.global_step
+        epoch, batches = None, None
+        dropped_counts = [0] * self.size
+        step_times: list[float] = []
+        start = time.monotonic()
+        _print0(rank, f"training {self.arch} on {cfg.dataset}: {self.size} ranks, mode {cfg.mode}, b={self.b}, "
+                      f"{self.total} steps ({spe} per epoch), effective batch {self.effective_batch}, "
+                      f"peak lr {self.peak_lr:.4g}")
+        model.train()
+        while g < self.total and not opt.stop_requested:
+            v = g
+            if v // spe != epoch:
+                epoch = v // spe
+                batches = iter(shard_loader(self.split.train, self._sampler(epoch, v % spe), workers=cfg.workers,
+                                            pin_memory=self.device.type == "cuda"))
+            x, y = next(batches)
+            for group in opt.param_groups:
+                group["lr"] = self.lr_at(v)
+            torch.manual_seed(hash((cfg.seed, rank, v)) & 0x7FFF_FFFF)  # dropout etc.: a function of the step
+            tic = time.monotonic()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            opt.zero_grad()
+            with self._autocast():
+                loss = self.criterion(model(x), y)
+            loss.backward()
+            self.injector.sleep(v, time.monotonic() - tic)
+            opt.step(loss=loss.detach())
+            g = opt.global_step
+            for rec in opt.pop_records():
+                for r in rec.dropped:
+                    dropped_counts[r] += 1
+                step_times.append(rec.duration_s)
+                self._log_step(rec, metrics, bar, start)
+            for s in range(v + 1, g + 1):  # every boundary this rank crossed, in order, like all ranks do
+                if cfg.eval_every and s % cfg.eval_every == 0 and s < self.total:
+                    result = self.evaluate(opt.parameters_at(s))
+                    _print0(rank, self._eval_line(s, result))
+                    metrics.write(dict(type="eval", step=s, time=time.monotonic() - start, **result))
+                if cfg.checkpoint_every and s % cfg.checkpoint_every == 0 and s < self.total:
+                    self.save(g)
+        if bar is not None:
+            bar.close()
+        if opt.stop_requested and g < self.total:
+            self.save(g)
+            _print0(rank, f"stopped early at global step {g} on request (SIGUSR1); resume with --resume")
+            return EXIT_PREEMPTED
+        result = self.evaluate()
+        wall = time.monotonic() - start
+        _print0(rank, self._eval_line(g, result))
+        metrics.write(dict(type="eval", step=g, time=wall, **result))
+        self.save(g)
+        mean_step = float(np.mean(step_times)) if step_times else 0.0
+        summary = dict(type="summary", mode=cfg.mode, size=self.size, backup_workers=self.b, steps=g, wall_s=wall,
+                       mean_step_s=mean_step, dropped_counts=dropped_counts, **{f"final_{k}": v for k, v in result.items()})
+        metrics.write(summary)
+        _print0(rank, f"done: {g} steps in {wall:.1f}s, {mean_step * 1e3:.1f} ms/step, top1 {result['top1']:.4f}, "
+                      f"dropped per rank {dropped_counts}")
+        return EXIT_OK
+
+    def _log_step(self, rec: StepRecord, metrics: MetricsFile, bar, start: float) -> None:
+        if self.rank != 0:
+            return
+        last = self.opt.last_step
+        wait = last.wait_s if last is not None and last.step == rec.step else 0.0
+        lr = self.lr_at(rec.step)
+        loss = rec.mean_loss
+        metrics.write(dict(type="step", step=rec.step, time=time.monotonic() - start, loss=loss, lr=lr,
+                           count=rec.count, size=rec.size, included=list(rec.included), dropped=list(rec.dropped),
+                           closed_by=rec.closed_by, step_s=rec.duration_s, wait_s=wait,
+                           arrival_s=list(rec.arrival_s), compute_s=list(rec.compute_s)))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "-", inc=f"{rec.count}/{rec.size}")
+        elif rec.step % self.cfg.print_freq == 0:
+            print(format_step(step=rec.step, loss=loss, lr=lr, count=rec.count, size=rec.size, dropped=rec.dropped,
+                              step_s=rec.duration_s, wait_s=wait), flush=True)

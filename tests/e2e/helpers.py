@@ -1,0 +1,69 @@
+"""Helpers for end-to-end tests: launch the real trainer on real ranks, and write data in real on-disk formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+
+from mpi_tools.launch import run
+
+TRAIN = [sys.executable, "-m", "hvd_backup.train"]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def launch(np_: int, args: list[str], *, timeout: float = 240, shm: bool = True, env: dict | None = None,
+           program: list[str] | None = None):
+    """Run the trainer (or ``program``) on ``np_`` ranks; returns a CompletedProcess with ``stdout`` captured."""
+    full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    full_env.update(env or {})
+    return run(np_, (program or TRAIN) + list(args), timeout=timeout, shm=shm, env=full_env, capture=True, cwd=ROOT)
+
+
+def read_metrics(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summary(path) -> dict:
+    return next(r for r in read_metrics(path) if r["type"] == "summary")
+
+
+def write_cifar10(root, *, per_batch: int = 16, test: int = 20, seed: int = 0) -> str:
+    """CIFAR-10's python format: cifar-10-batches-py/ with pickled data_batch_1..5, test_batch, batches.meta."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+
+    def batch(name, n):
+        labels = rng.integers(0, 10, n).tolist()
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"batch_label": name, "labels": labels, "data": data,
+                         "filenames": [f"{name}_{i}.png" for i in range(n)]}, f)
+
+    for i in range(1, 6):
+        batch(f"data_batch_{i}", per_batch)
+    batch("test_batch", test)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch,
+                     "num_vis": 3072}, f)
+    return str(root)
+
+
+def write_imagefolder(root, *, classes: int = 3, per_class: int = 6, size: int = 40, seed: int = 0) -> str:
+    """An ImageNet-style folder: train/ and val/, one sub-folder of JPEGs per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", max(2, per_class // 2))):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"n{c:08d}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f"img_{i}.JPEG"), quality=85)
+    return str(root)

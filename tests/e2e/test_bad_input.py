@@ -1,0 +1,98 @@
+"""Bad input to the trainer, each case a test: one clear line from rank 0, a non-zero exit on every rank, no
+traceback, no hang. The jobs are independent, so they run a few at a time (this machine has 2 cores)."""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from .helpers import TRAIN, launch
+
+NP = 2
+
+
+def _checkpoints(root):
+    from hvd_backup.checkpoint import save_checkpoint
+
+    identity = {"arch": "digits_cnn", "dataset": "digits", "num_classes": 10}
+    good = save_checkpoint({"model": {}, "optimizer": {}, "config": identity}, os.path.join(root, "good"), 4)
+    truncated = os.path.join(root, "truncated.pt")
+    with open(good, "rb") as src, open(truncated, "wb") as dst:
+        dst.write(src.read()[:200])
+    foreign = os.path.join(root, "foreign.pt")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    other = save_checkpoint({"model": {}, "optimizer": {}, "config": dict(identity, arch="resnet18")},
+                            os.path.join(root, "other"), 4)
+    return {"truncated": truncated, "foreign": foreign, "other": other}
+
+
+# name: (flags, expected message); {root} is the test's scratch folder.
+CASES = {
+    "unknown-dataset": (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+    "unknown-model": (["--arch", "resnet9000"], "--arch 'resnet9000' is not a model here"),
+    "unknown-backend": (["--backend", "nccl"], "argument --backend: invalid choice: 'nccl'"),
+    "missing-data-folder": (["--dataset", "imagenet", "--data", "{root}/nope"], "no such directory"),
+    "empty-data-folder": (["--dataset", "imagenet", "--data", "{root}/empty"], "train/: Couldn't find any class folder"),
+    "b-negative": (["--backup-workers", "-1"], "--backup-workers -1: must be >= 0"),
+    "b-not-a-number": (["--backup-workers", "two"], "argument --backup-workers: invalid int value: 'two'"),
+    "b-at-least-N": (["--backup-workers", str(NP)],
+                     f"--backup-workers {NP}: must be smaller than the number of ranks N={NP}"),
+    "timeout-zero": (["--straggler-timeout", "0"], "--straggler-timeout 0.0: must be seconds > 0"),
+    "timeout-not-a-number": (["--straggler-timeout", "soon"],
+                             "argument --straggler-timeout: invalid float value: 'soon'"),
+    "hang-timeout-negative": (["--hang-timeout", "-1"], "--hang-timeout -1.0: must be seconds > 0"),
+    "min-workers-above-quorum": (["--backup-workers", "1", "--min-workers", "2"], "--min-workers 2: must be <= N-b=1"),
+    "bad-straggler-spec": (["--straggler", "warp:x=1"], "--straggler: straggler spec 'warp:x=1': unknown kind 'warp'"),
+    "straggler-rank-out-of-range": (["--straggler", "fixed:delay=1,rank=7"], "names rank 7, but there are only 2 ranks"),
+    "smaller-than-one-batch": (["--dataset", "synthetic", "--synthetic-size", "10", "-b", "8", "--arch", "resnet18"],
+                               "fewer than one batch of --batch-size 8"),
+    "truncated-checkpoint": (["--resume", "{root}/truncated.pt"], "unreadable (truncated or not a checkpoint)"),
+    "foreign-checkpoint": (["--resume", "{root}/foreign.pt"], "not a hvd_backup checkpoint"),
+    "mismatched-checkpoint": (["--resume", "{root}/other/checkpoint-00000004.pt"],
+                              "saved with arch='resnet18', this run has arch='digits_cnn'"),
+    "missing-checkpoint": (["--resume", "{root}/nope.pt"], "no such checkpoint file"),
+    # MPMD: rank 0 and rank 1 get different flags.
+    "different-flags-per-rank": (["--backup-workers", "1", ":", "-np", "1", *TRAIN, "--backup-workers", "0"],
+                                 "flags differ across ranks: rank 0 has --backup-workers=1, rank 1 has 0"),
+}
+
+
+def _write_inputs(root):
+    from hvd_backup.checkpoint import save_checkpoint
+
+    identity = {"arch": "digits_cnn", "dataset": "digits", "num_classes": 10}
+    good = save_checkpoint({"model": {}, "optimizer": {}, "config": identity}, os.path.join(root, "good"), 4)
+    with open(good, "rb") as src, open(os.path.join(root, "truncated.pt"), "wb") as dst:
+        dst.write(src.read()[:200])
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, os.path.join(root, "foreign.pt"))
+    save_checkpoint({"model": {}, "optimizer": {}, "config": dict(identity, arch="resnet18")},
+                    os.path.join(root, "other"), 4)
+    os.makedirs(os.path.join(root, "empty", "train"))
+    os.makedirs(os.path.join(root, "empty", "val"))
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("bad-input"))
+    _write_inputs(root)
+
+    def one(name):
+        args = [a.format(root=root) for a in CASES[name][0]]
+        np_ = 1 if name == "different-flags-per-rank" else NP
+        return name, launch(np_, args, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(pool.map(one, CASES))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(outcomes, name):
+    message = CASES[name][1]
+    proc = outcomes[name]
+    out = proc.stdout
+    assert proc.returncode not in (0, 124), f"exit {proc.returncode}:\n{out}"
+    lines = [line for line in out.splitlines() if "hvd-backup-train: error:" in line]
+    assert len(lines) == 1, f"expected one error line from rank 0:\n{out}"
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in out, out

@@ -1,0 +1,70 @@
+"""The trainer end to end, on real ranks launched by mpirun."""
+
+import os
+
+import pytest
+import torch
+
+from .helpers import launch, read_metrics, summary, write_cifar10, write_imagefolder
+
+
+@pytest.mark.parametrize("np_", [2, 4])
+def test_digits_reaches_95_percent_with_a_slow_rank(tmp_path, np_):
+    metrics = tmp_path / "m.jsonl"
+    slow = np_ - 1
+    proc = launch(np_, ["--backup-workers", "1", "--straggler", f"fixed:delay=0.05,rank={slow}",
+                        "--metrics", str(metrics), "--print-freq", "20"])
+    assert proc.returncode == 0, proc.stdout
+    s = summary(metrics)
+    assert s["final_top1"] >= 0.95, s
+    steps = [r for r in read_metrics(metrics) if r["type"] == "step"]
+    assert [r["step"] for r in steps] == list(range(s["steps"]))
+    assert all(r["count"] == np_ - 1 for r in steps)
+    assert s["dropped_counts"][slow] >= 0.8 * s["steps"], s["dropped_counts"]
+    assert "step       0 | loss" in proc.stdout  # the fixed-format line
+
+
+def test_cifar10_on_disk_format(tmp_path):
+    root = write_cifar10(tmp_path / "cifar")
+    metrics = tmp_path / "m.jsonl"
+    proc = launch(2, ["--dataset", "cifar10", "--data", root, "--steps", "3", "-b", "4", "--workers", "1",
+                      "--metrics", str(metrics)])
+    assert proc.returncode == 0, proc.stdout
+    final = [r for r in read_metrics(metrics) if r["type"] == "eval"][-1]
+    assert final["samples"] == 20 and final["top5"] is not None
+
+
+def test_imagenet_folder_of_jpegs(tmp_path):
+    root = write_imagefolder(tmp_path / "imagenet")
+    metrics = tmp_path / "m.jsonl"
+    proc = launch(2, ["--dataset", "imagenet", "--data", root, "--arch", "resnet18", "--image-size", "32",
+                      "--steps", "3", "-b", "2", "--workers", "1", "--eval-every", "2", "--metrics", str(metrics)])
+    assert proc.returncode == 0, proc.stdout
+    evals = [r for r in read_metrics(metrics) if r["type"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 3] and all(e["samples"] == 9 for e in evals)
+    assert evals[0]["top5"] is None  # 3 classes: top-5 means nothing
+
+
+def test_synthetic_with_sync_mode(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    proc = launch(2, ["--dataset", "synthetic", "--image-size", "16", "--num-classes", "4", "--synthetic-size", "64",
+                      "--arch", "resnet18", "--steps", "4", "-b", "4", "--mode", "sync", "--metrics", str(metrics)])
+    assert proc.returncode == 0, proc.stdout
+    assert summary(metrics)["steps"] == 4
+
+
+def test_resume_with_b0_reaches_the_same_parameters(tmp_path):
+    """Resuming from the step-6 checkpoint of a 12-step run gives the parameters of the uninterrupted run."""
+    common = ["--backup-workers", "0", "--steps", "12", "--checkpoint-every", "6", "--keep-checkpoints", "5",
+              "--straggler", "exp:mean=0.01"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = launch(2, common + ["--checkpoint-dir", str(a)])
+    assert proc.returncode == 0, proc.stdout
+    proc = launch(2, common + ["--checkpoint-dir", str(b), "--resume", str(a / "checkpoint-00000006.pt")])
+    assert proc.returncode == 0, proc.stdout
+    assert "resumed from" in proc.stdout and "at global step 6" in proc.stdout
+    whole = torch.load(a / "checkpoint-00000012.pt", weights_only=True)
+    resumed = torch.load(b / "checkpoint-00000012.pt", weights_only=True)
+    for name, value in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0, msg=name)
+    assert resumed["optimizer"]["hvd_backup"] == {"global_step": 12}
