@@ -42,16 +42,16 @@ class TrainConfig:
                           "-a", "--arch")
     batch_size: int = _f("batch size per rank", "-b", "--batch-size", default=32)
     epochs: float | None = _f("epochs to train; an epoch takes every rank through its shard once "
-                              "(default: digits 10, cifar10 30, imagenet 90, synthetic 1)", "--epochs")
+                              "(default: digits 15, cifar10 30, imagenet 90, synthetic 1)", "--epochs")
     steps: int | None = _f("global steps to train (overrides --epochs)", "--steps")
     lr: float | None = _f("learning rate for a batch of --lr-base-batch samples, scaled by (N-b)*batch/base "
-                          "(default: 0.4 for digits, 0.1 otherwise)", "--lr")
+                          "(default: 0.2 for digits, 0.1 otherwise)", "--lr")
     lr_base_batch: int = _f("the batch size --lr is given for", "--lr-base-batch", default=256)
     lr_schedule: str = _f("cosine or step", "--lr-schedule", default="cosine", choices=("cosine", "step"))
     lr_step_epochs: str = _f("epochs at which the step schedule multiplies the rate by --lr-gamma",
                              "--lr-step-epochs", default="30,60,80")
     lr_gamma: float = _f("factor of the step schedule", "--lr-gamma", default=0.1)
-    warmup_steps: int = _f("linear warm-up steps", "--warmup-steps", default=0)
+    warmup_steps: int | None = _f("linear warm-up steps (default: 10 for digits, 0 otherwise)", "--warmup-steps")
     momentum: float = _f("SGD momentum", "--momentum", default=0.9)
     weight_decay: float = _f("weight decay", "--wd", "--weight-decay", default=1e-4)
     label_smoothing: float = _f("label smoothing", "--label-smoothing", default=0.0)
@@ -93,13 +93,16 @@ class TrainConfig:
                     "keep_checkpoints")
         for name in positive:
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
+        for name in ("eval_every", "checkpoint_every"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
+        need(self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0")
         need(self.workers is None or self.workers >= 0, f"--workers {self.workers}: must be >= 0")
         if self.epochs is None:
-            self.epochs = {"digits": 10.0, "cifar10": 30.0, "imagenet": 90.0}.get(self.dataset, 1.0)
+            self.epochs = {"digits": 15.0, "cifar10": 30.0, "imagenet": 90.0}.get(self.dataset, 1.0)
         if self.lr is None:
-            self.lr = 0.4 if self.dataset == "digits" else 0.1
+            self.lr = 0.2 if self.dataset == "digits" else 0.1
+        if self.warmup_steps is None:
+            self.warmup_steps = 10 if self.dataset == "digits" else 0
         need(math.isfinite(self.epochs) and self.epochs > 0, f"--epochs {self.epochs}: must be > 0")
         need(self.steps is None or self.steps >= 1, f"--steps {self.steps}: must be >= 1")
         need(math.isfinite(self.lr) and self.lr > 0, f"--lr {self.lr}: must be > 0")
@@ -151,7 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="hvd-backup-train",
         description="Data-parallel training with backup workers (launch with horovodrun, mpirun or srun).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
             continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
+        if default is not None:
+            help_text += f" (default: {default})"
         parser.add_argument(*flags, dest=f.name, type=kind, default=default, help=help_text, **meta)
     return parser
 
