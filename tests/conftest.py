@@ -62,3 +62,9 @@ def pytest_runtest_makereport(item, call):
     if report.passed and any(failed):
         report.outcome = "failed"
         report.longrepr = f"{call.when} failed on rank(s) {[r for r, f in enumerate(failed) if f]}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    comm = world()
+    if comm is not None and comm.Get_size() > 1:
+        comm.Barrier()  # finalize together: a rank leaving early makes UCX report timeouts on its peers' way out
