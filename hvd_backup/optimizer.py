@@ -207,6 +207,7 @@ class _Consensus:
         # Last element: the count of included contributions, reduced with the gradients.
         self.send = torch.zeros(self.numel + 1, dtype=self.dtype, device=self.device)
         self.zeros = torch.zeros_like(self.send)
+        self._send_views = self.views(self.send)
         self.hyper = _Hyper(opt.param_groups)
         self.shadow = None
 
@@ -223,22 +224,24 @@ class _Consensus:
 
     def flatten(self) -> None:
         """Copy the local gradients into ``send`` (training thread)."""
+        views, grads = [], []
         with torch.no_grad():
-            for p, view, name in zip(self.params, self.views(self.send), self.names):
+            for p, view, name in zip(self.params, self._send_views, self.names):
                 if p.grad is None:
                     view.zero_()
                 elif p.grad.is_sparse:
                     raise ValueError(f"hvd_backup: parameter {name} has a sparse gradient; only dense ones are supported")
-                else:
-                    view.copy_(p.grad)
+                elif p.grad.data_ptr() != view.data_ptr():  # a gradient accumulated in place already is there
+                    views.append(view)
+                    grads.append(p.grad)
+            if views:
+                torch._foreach_copy_(views, grads)
 
     def _apply(self, opt, params, flat, hyper) -> None:
-        with torch.no_grad():
-            for p, view in zip(params, self.views(flat)):
-                if p.grad is None:
-                    p.grad = view.clone()
-                else:
-                    p.grad.copy_(view)
+        # The gradients become views of the reduced buffer: no copy. (For the live parameters that buffer is
+        # then the training thread's `send`, which this thread does not touch until the next submission.)
+        for p, view in zip(params, self.views(flat)):
+            p.grad = view
         self.hyper.apply(opt.param_groups, hyper)
         self.base.step(opt)
 
@@ -249,6 +252,9 @@ class _Consensus:
         return [p for g in self.shadow.param_groups for p in g["params"]]
 
     def apply_live(self, flat, hyper) -> None:
+        if flat is not self.send:  # the result is in `zeros`: it becomes the training thread's buffer
+            self.send, self.zeros = self.zeros, self.send
+            self._send_views = self.views(self.send)
         self._apply(self.opt, self.params, flat, hyper)
 
     def apply_consensus(self, flat, hyper) -> None:
@@ -362,8 +368,12 @@ class _BackupOptimizer(torch.optim.Optimizer):
         engine = self._hvdb_engine
         compute_s = time.monotonic() - self._hvdb_ready_at
         consensus = self._hvdb_consensus
+        tic = time.perf_counter()
         consensus.flatten()
+        engine.timings.add("flatten", time.perf_counter() - tic)
+        tic = time.perf_counter()
         self.last_step = engine.submit(consensus.hyper.snapshot(self.param_groups), compute_s, reported)
+        engine.timings.add("blocked_in_step", time.perf_counter() - tic)
         self._hvdb_ready_at = time.monotonic()
         return loss
 
@@ -385,6 +395,11 @@ class _BackupOptimizer(torch.optim.Optimizer):
     def parameters_at(self, step: int) -> list[torch.Tensor] | None:
         """The parameters (in ``param_groups`` order) at global ``step``, kept by :meth:`keep_snapshots`."""
         return self._hvdb_engine.take_snapshot(step)
+
+    def timings(self, reset: bool = False) -> dict[str, tuple[float, int]]:
+        """Where this rank's time went: ``{phase: (seconds, count)}`` for flatten, blocked_in_step, arrive,
+        allreduce (waiting for the step's reductions), reduce (reweighting), apply and catch_up."""
+        return self._hvdb_engine.timings.snapshot(reset)
 
     def pop_records(self) -> list[StepRecord]:
         """Records of every step completed since the last call (rank-independent fields), oldest first."""

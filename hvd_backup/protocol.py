@@ -77,6 +77,7 @@ class StepRecord:
     duration_s: float  # this rank: from the previous step's completion to this one's
     loss: tuple[float | None, ...] = ()  # per rank, the loss it reported with the gradient it handed in
     stop_requested: bool = False  # some rank asked the group to stop after this step (request_stop)
+    seen_s: tuple[float | None, ...] = ()  # per rank that did not arrive: when it learned the step had closed
 
     @property
     def mean_loss(self) -> float | None:
@@ -89,6 +90,28 @@ class StepRecord:
         """Ranks whose gradient is not in this step."""
         inside = set(self.included)
         return tuple(r for r in range(self.size) if r not in inside)
+
+
+class Timings:
+    """Seconds spent per phase of the protocol, summed, with counts (``opt.timings()`` shows them)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.total: dict[str, float] = collections.defaultdict(float)
+        self.count: dict[str, int] = collections.defaultdict(int)
+
+    def add(self, phase: str, seconds: float) -> None:
+        with self._lock:
+            self.total[phase] += seconds
+            self.count[phase] += 1
+
+    def snapshot(self, reset: bool = False) -> dict[str, tuple[float, int]]:
+        with self._lock:
+            out = {k: (self.total[k], self.count[k]) for k in self.total}
+            if reset:
+                self.total.clear()
+                self.count.clear()
+        return out
 
 
 @dataclass(eq=False)
@@ -108,6 +131,7 @@ class _StepState:
     t: int
     order: int | None = None  # this rank's arrival order, None if it did not arrive
     arrived_at: float = math.nan
+    closed_seen_at: float = math.nan
     closed: bool = False
     submission: _Submission | None = None
     extra: dict = field(default_factory=dict)
@@ -159,6 +183,7 @@ class StepEngine:
         self.stop_requested = False
         self._stop_wanted = False
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=history)
+        self.timings = Timings()
 
         self._cond = threading.Condition()
         self._pending: _Submission | None = None
@@ -184,6 +209,9 @@ class StepEngine:
 
     def start(self) -> None:
         """Start the communication thread and the watchdog (the rank takes part in steps from now on)."""
+        # Hand-offs between the training and communication threads wait for the GIL; Python's default 5 ms
+        # switch interval would add up to that to every step while the training thread runs Python code.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._last_done = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="hvd_backup-comm", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name="hvd_backup-watchdog", daemon=True)
@@ -303,8 +331,10 @@ class StepEngine:
                 sub.arrived = True
                 st.submission = sub
                 self._busy_since = time.monotonic()
+                tic = time.perf_counter()
                 st.order = self.counter.arrive(t)
                 st.arrived_at = self.clock.now()
+                self.timings.add("arrive", time.perf_counter() - tic)
                 return "arrived"
             if self._stopping and not stopped_here:
                 self._busy_since = time.monotonic()
@@ -313,6 +343,7 @@ class StepEngine:
             word = ArrivalCounter.decode(self.counter.peek(t))
             if word.arrivals >= k or word.closes:
                 st.closed = True
+                st.closed_seen_at = self.clock.now()
                 return "closed"
             if word.stops == self.size:
                 return "stopped"
@@ -324,7 +355,17 @@ class StepEngine:
 
     def _contribute_and_apply(self, st: _StepState) -> None:
         """Steps 3-5 for one step."""
-        model, n, t = self.model, self.size, st.t
+        buf, included = self._contribute(st)
+        tic = time.perf_counter()
+        record, hyper = self._reweight(st, buf)
+        self.timings.add("reduce", time.perf_counter() - tic)
+        tic = time.perf_counter()
+        self._apply(st, buf, hyper, record, included)
+        self.timings.add("apply", time.perf_counter() - tic)
+
+    def _contribute(self, st: _StepState):
+        """Step 3: post the step's allreduces (our gradients and a count of 1, or zeros) and wait for them."""
+        model, n, me = self.model, self.size, self.rank
         included = st.order is not None and st.order < self.quorum
         if included:
             buf = model.send
@@ -334,7 +375,6 @@ class StepEngine:
             buf.zero_()
         meta = self._meta
         meta.zero_()
-        me = self.rank
         sub = st.submission
         if sub is not None:
             meta[_ARRIVAL * n + me] = st.arrived_at
@@ -343,36 +383,58 @@ class StepEngine:
             meta[_LOSS * n + me] = math.nan if sub.loss is None else sub.loss
             if st.order == 0:
                 meta[_BLOCKS * n:] = torch.tensor(sub.hyper, dtype=torch.float64)
+        else:
+            meta[_ARRIVAL * n + me] = st.closed_seen_at  # when this rank learned the step had closed
         if self._stop_wanted:
             meta[_STOP * n + me] = 1.0
         if self._busy_since is None:
             self._busy_since = time.monotonic()
-        self.counter.mark(t)
+        self.counter.mark(st.t)
         handles = [self.backend.start(buf, "hvd_backup.grad"), self.backend.start(meta, "hvd_backup.meta")]
+        tic = time.perf_counter()
         self._wait_reduced(st, handles)
+        self.timings.add("allreduce", time.perf_counter() - tic)
+        return buf, included
 
+    def _reweight(self, st: _StepState, buf):
+        """Step 4, first half: the mean of the included gradients, and the step's record."""
+        n, t = self.size, st.t
         count = int(round(float(buf[-1])))
-        block = meta[: _BLOCKS * n].view(_BLOCKS, n).tolist()
+        block = self._meta[: _BLOCKS * n].view(_BLOCKS, n).tolist()
         status = block[_STATUS]
         ins = tuple(r for r in range(n) if status[r] == _IN)
         if count != len(ins) or count < 1:
             raise ProtocolError(f"step {t}: reduced count {count} but ranks {list(ins)} say they were included")
         buf[:-1].div_(count)  # reweight: the mean over the gradients that were in, not over N
-        hyper = meta[_BLOCKS * n:].tolist()
+        hyper = self._meta[_BLOCKS * n:].tolist()
         arrived = [status[r] >= _LATE for r in range(n)]
-        first = min((block[_ARRIVAL][r] for r in range(n) if arrived[r]), default=0.0)
-        arrival_s = tuple(block[_ARRIVAL][r] - first if arrived[r] else None for r in range(n))
-        compute_s = tuple(block[_COMPUTE][r] if arrived[r] else None for r in range(n))
-        losses = tuple(block[_LOSS][r] if arrived[r] and math.isfinite(block[_LOSS][r]) else None for r in range(n))
-        stop = any(block[_STOP])
-        closed_by = "all" if count == n else "quorum" if count == self.quorum else "timeout"
+        times = block[_ARRIVAL]
+        first = min((times[r] for r in range(n) if arrived[r]), default=0.0)
+        now = time.monotonic()
+        record = StepRecord(
+            step=t, size=n, count=count, included=ins,
+            closed_by="all" if count == n else "quorum" if count == self.quorum else "timeout",
+            status="absent", wait_s=0.0,
+            arrival_s=tuple(times[r] - first if arrived[r] else None for r in range(n)),
+            compute_s=tuple(block[_COMPUTE][r] if arrived[r] else None for r in range(n)),
+            duration_s=now - self._last_done,
+            loss=tuple(block[_LOSS][r] if arrived[r] and math.isfinite(block[_LOSS][r]) else None
+                       for r in range(n)),
+            stop_requested=any(block[_STOP]),
+            seen_s=tuple(None if arrived[r] else times[r] - first for r in range(n)),
+        )
+        self._last_done = now
+        return record, hyper
 
+    def _apply(self, st: _StepState, buf, hyper, record: StepRecord, included: bool) -> None:
+        """Step 4, second half, and 5: the identical update, on the live parameters if the training thread waits
+        for this step, else on the consensus copy; then answer a waiting training thread."""
+        model, t = self.model, st.t
         with self._cond:
             pending = self._pending if self._pending is not None and self._pending.reply is None else None
         if pending is not None and pending.version == t:
             model.apply_live(buf, hyper)
             self.version = t + 1
-            status_here = "included" if included else "dropped"
             self._snapshot(t + 1, model.live_params())
         else:
             if self.consensus_version != t:
@@ -382,22 +444,17 @@ class StepEngine:
                 model.sync_consensus()
             model.apply_consensus(buf, hyper)
             self.consensus_version = t + 1
-            status_here = "absent"
             self._snapshot(t + 1, model.consensus_params())
             if self.max_lag is not None and t + 1 - self.version > self.max_lag:
                 raise ProtocolError(
                     f"rank {self.rank}: its training thread is {t + 1 - self.version} steps behind at step {t}, "
                     f"more than max_lag={self.max_lag}"
                 )
-        now = time.monotonic()
-        record = StepRecord(t, n, count, ins, closed_by, status_here, 0.0, arrival_s, compute_s,
-                            now - self._last_done, losses, stop)
-        self._last_done = now
-        if stop:
+        if record.stop_requested:
             self.stop_requested = True
         self.records.append(record)
-        if status_here != "absent":
-            self._reply(pending, record, status_here)
+        if pending is not None and pending.version == t:
+            self._reply(pending, record, "included" if included else "dropped")
         elif pending is not None:  # a stale gradient handed in while the step ran
             self._catch_up(pending)
 
@@ -431,7 +488,9 @@ class StepEngine:
         if self.consensus_version <= sub.version:
             raise ProtocolError(f"rank {self.rank}: catch-up from step {sub.version} but the consensus is at "
                                 f"{self.consensus_version}")
+        tic = time.perf_counter()
         self.model.restore_live()
+        self.timings.add("catch_up", time.perf_counter() - tic)
         self.version = self.consensus_version
         last = self.records[-1] if self.records else None
         if last is None:

@@ -1,0 +1,200 @@
+"""The optimizer's own cost, measured side by side in one MPI job (run on every rank under mpirun):
+
+(a) no stragglers: ms per step of hvd_backup with b=0 and b=1 against ``hvd.DistributedOptimizer``, on a model of
+    about 1M parameters and one of about 10M, interleaved over repetitions, with where the time goes;
+(b) injected delays: measured time for a fixed number of steps against the ideal (a zero-overhead simulation of
+    this protocol fed with the same delays and the compute times measured in the run), and plain sync against it;
+(c) latency of one fetch-and-op on the counter, and of a straggler learning that its step closed.
+
+    mpirun -np 4 python -m hvd_backup.experiments.overhead --out overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import hvd_backup
+from mpi_tools import ArrivalCounter, StragglerInjector
+
+from .simulate import simulate
+
+SIZES = {"1M": (784, [1024, 256]), "10M": (1024, [2048, 2048, 2048])}
+SPECS = ["fixed:delay=0.1,rank=3", "exp:mean=0.02", "lognormal:median=0.01,sigma=1"]
+
+
+def build(size: str, seed: int = 0):
+    inp, hidden = SIZES[size]
+    torch.manual_seed(seed)
+    layers, width = [], inp
+    for h in hidden:
+        layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+        width = h
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
+    g = torch.Generator().manual_seed(1 + MPI.COMM_WORLD.Get_rank())
+    return model, torch.randn(32, inp, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+
+def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmup: int = 3) -> dict:
+    """Train ``steps`` global steps with ``variant`` ("horovod", "b0", "b1"); rank 0's wall time and details."""
+    comm = MPI.COMM_WORLD
+    model, x, y = build(size)
+    base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    ours = variant != "horovod"
+    if ours:
+        opt = hvd_backup.DistributedOptimizer(base, model.named_parameters(), backup_workers=int(variant[1:]))
+    else:
+        opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters())
+    injector = StragglerInjector(spec, rank=comm.Get_rank(), size=comm.Get_size(), seed=5)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    computes: dict[int, float] = {}
+    done = 0
+    start = None
+    while (opt.global_step if ours else done) < steps + warmup:
+        v = opt.global_step if ours else done
+        if v >= warmup and start is None:
+            comm.Barrier()
+            start = time.perf_counter()
+            if ours:
+                opt.timings(reset=True)
+        tic = time.perf_counter()
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        compute = time.perf_counter() - tic
+        computes[v] = compute
+        injector.sleep(v, compute)
+        opt.step()
+        done += 1
+    elapsed = time.perf_counter() - start
+    out = {"seconds": elapsed, "ms_per_step": 1e3 * elapsed / steps, "computes": computes}
+    if ours:
+        out["timings"] = opt.timings()
+        out["records"] = [r for r in opt.pop_records() if r.step >= warmup]
+        opt.close()
+    return out
+
+
+def part_a(hvd, steps: int, reps: int) -> dict:
+    comm = MPI.COMM_WORLD
+    results = {}
+    for size in SIZES:
+        per = {v: [] for v in ("horovod", "b0", "b1")}
+        where = {}
+        for _ in range(reps):
+            for variant in per:
+                r = run(variant, size, steps, hvd)
+                per[variant].append(r["ms_per_step"])
+                if variant != "horovod":
+                    t = comm.gather(r["timings"], root=0)
+                    if comm.Get_rank() == 0:
+                        where[variant] = {phase: 1e3 * sum(tt.get(phase, (0, 0))[0] for tt in t) / len(t) / steps
+                                          for phase in t[0]}
+        med = {v: statistics.median(ms) for v, ms in per.items()}
+        results[size] = {
+            "params": sum(p.numel() for p in build(size)[0].parameters()),
+            "ms_per_step": med, "all_ms": per,
+            "ratio_b0": med["b0"] / med["horovod"], "ratio_b1": med["b1"] / med["horovod"],
+            "added_ms_b0": med["b0"] - med["horovod"], "added_ms_b1": med["b1"] - med["horovod"],
+            "where_ms_per_step": where,
+        }
+    return results
+
+
+def part_b(hvd, steps: int) -> dict:
+    comm = MPI.COMM_WORLD
+    n = comm.Get_size()
+    results = {}
+    for spec in SPECS:
+        measured = {}
+        ideal = {}
+        latency = []
+        for variant in ("horovod", "b1"):
+            r = run(variant, "1M", steps, hvd, spec=spec, warmup=0)
+            measured[variant] = r["seconds"]
+            computes = comm.gather(r["computes"], root=0)
+            if comm.Get_rank() == 0 and variant == "b1":
+                injector = StragglerInjector(spec, rank=0, size=n, seed=5)
+                median = [statistics.median(c.values()) for c in computes]
+
+                def work(rank, v, computes=computes, median=median, injector=injector):
+                    c = computes[rank].get(v, median[rank])
+                    return c + injector.delay(v, c, rank=rank)
+
+                b = 1
+                ideal["b1"] = simulate(n, b, steps, work)["time"]
+                ideal["sync"] = simulate(n, 0, steps, work)["time"]
+                for rec in r["records"]:
+                    arrivals = sorted(a for a in rec.arrival_s if a is not None)
+                    if rec.closed_by != "quorum" or len(arrivals) < n - b:
+                        continue
+                    close = arrivals[n - b - 1]
+                    latency += [s - close for s in rec.seen_s if s is not None]
+        if comm.Get_rank() == 0:
+            results[spec] = {
+                "steps": steps, "measured_s": measured, "ideal_s": ideal,
+                "backup_over_ideal": measured["b1"] / ideal["b1"],
+                "sync_over_backup": measured["horovod"] / measured["b1"],
+                "sync_over_ideal_sync": measured["horovod"] / ideal["sync"],
+                "straggler_learns_close_us": np.percentile(latency, [50, 90]).tolist() if latency else None,
+            }
+    return results
+
+
+def part_c(ops: int = 2000) -> dict:
+    """One rank times ``ops`` counter operations on the host's window while the others keep MPI progressing."""
+    comm = MPI.COMM_WORLD
+    last = comm.Get_size() - 1
+    out = {}
+    with ArrivalCounter(comm=comm) as counter:
+        for name, op in (("peek", counter.peek), ("arrive", counter.arrive)):
+            comm.Barrier()
+            samples = []
+            if comm.Get_rank() == last:
+                for i in range(ops):
+                    tic = time.perf_counter()
+                    op(i)
+                    samples.append(time.perf_counter() - tic)
+                comm.Ibarrier().Wait()
+            else:
+                done = comm.Ibarrier()
+                while not done.Test():
+                    counter.progress()
+            samples = comm.bcast(samples, root=last)
+            out[name] = {"median_us": 1e6 * statistics.median(samples),
+                         "p99_us": 1e6 * float(np.percentile(samples, 99))}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--parts", default="abc")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    import horovod.torch as hvd
+
+    hvd.init(comm=MPI.COMM_WORLD)
+    comm = MPI.COMM_WORLD
+    result = {"ranks": comm.Get_size()}
+    if "c" in args.parts:
+        result["c_counter_latency"] = part_c()
+    if "a" in args.parts:
+        result["a_no_stragglers"] = part_a(hvd, args.steps, args.reps)
+    if "b" in args.parts:
+        result["b_injected_delays"] = part_b(hvd, args.steps)
+    if comm.Get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
