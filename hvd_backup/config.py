@@ -71,6 +71,8 @@ class TrainConfig:
                                "--straggler")
     # output
     eval_every: int = _f("evaluate every this many global steps (0: only at the end)", "--eval-every", default=0)
+    verify_every: int = _f("check every this many global steps that all ranks hold bit-identical parameters "
+                           "(0: never)", "--verify-every", default=0)
     print_freq: int = _f("print a step line every this many steps", "-p", "--print-freq", default=10)
     metrics: str | None = _f("write JSON-lines metrics here (one record per step and per evaluation)", "--metrics")
     checkpoint_dir: str | None = _f("write checkpoints here", "--checkpoint-dir")
@@ -93,7 +95,7 @@ class TrainConfig:
                     "keep_checkpoints")
         for name in positive:
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        for name in ("eval_every", "checkpoint_every"):
+        for name in ("eval_every", "checkpoint_every", "verify_every"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         need(self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0")
         need(self.workers is None or self.workers >= 0, f"--workers {self.workers}: must be >= 0")

@@ -200,6 +200,7 @@ class StepEngine:
         self._last_done = time.monotonic()
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
+        self._beat_every = min(1.0, hang_timeout / 4)
 
     # --- training-thread side ------------------------------------------------------------------------------
 
@@ -514,6 +515,7 @@ class StepEngine:
                 self._error = exc
             self._cond.notify_all()
         print(f"hvd_backup: rank {self.rank}: {exc}", file=sys.stderr, flush=True)
+        exc.reported = True  # printed once, here
 
     def _watch(self) -> None:
         """Fail a step that outlives ``hang_timeout``; abort the job if the process lingers after a failure."""
@@ -524,7 +526,8 @@ class StepEngine:
             if st is not None and since is not None and time.monotonic() - since > self.hang_timeout:
                 self._fail(self._hang_error(st))
                 break
-            self._finished.wait(min(1.0, self.hang_timeout / 4))
+            self.counter.beat(int(1e3 * self.clock.now()))
+            self._finished.wait(self._beat_every)
         if self._error is not None:
             # The training thread raises the error; if the process is still here (a rank stuck in MPI, an
             # interpreter waiting on it at exit), take the whole job down rather than hang.
@@ -535,10 +538,19 @@ class StepEngine:
             os._exit(1)
 
     def _hang_error(self, st: _StepState) -> HangError:
-        marks = self.counter.read_marks(timeout=min(10.0, self.hang_timeout))
-        if marks is None:
-            who = f"the counter host rank {self.counter.root} did not answer (it is stuck or gone)"
-        else:
-            missing = [r for r, m in enumerate(marks) if m < st.t]
-            who = f"ranks {missing} did not contribute"
-        return HangError(f"step {st.t}: {who} within hang_timeout={self.hang_timeout:g}s")
+        """Name the ranks that never posted this step, or that posted it and then went silent (killed, frozen)."""
+        found = self.counter.read_marks(timeout=min(10.0, self.hang_timeout))
+        if found is None:
+            return HangError(f"step {st.t}: the counter host rank {self.counter.root} did not answer (it is stuck "
+                             f"or gone) and the step did not complete within hang_timeout={self.hang_timeout:g}s")
+        marks, beats = found
+        now_ms = 1e3 * self.clock.now()
+        silent_for = {r: (now_ms - b) / 1e3 for r, b in enumerate(beats)
+                      if r != self.rank and now_ms - b > 2e3 * self._beat_every + 1e3}
+        culprits = sorted({r for r, m in enumerate(marks) if m < st.t} | set(silent_for))
+        detail = ""
+        if silent_for:
+            quiet = ", ".join(f"rank {r} for {s:.0f}s" for r, s in sorted(silent_for.items()))
+            detail = f" (no heartbeat from {quiet})"
+        return HangError(f"step {st.t}: ranks {culprits} did not contribute within "
+                         f"hang_timeout={self.hang_timeout:g}s{detail}")

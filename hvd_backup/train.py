@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print0(f"hvd-backup-train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (HangError, ProtocolError) as exc:
-        # Already explained by the protocol's thread; take every rank down now rather than wait for it.
-        print(f"hvd-backup-train: rank {_RANK}: {exc}", file=sys.stderr, flush=True)
+        # One line per live rank (the protocol's thread printed it if it found it); then take every rank down.
+        if not getattr(exc, "reported", False):
+            print(f"hvd_backup: rank {_RANK}: {exc}", file=sys.stderr, flush=True)
         comm.Abort(1)
     except SystemExit:
         raise

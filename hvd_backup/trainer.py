@@ -16,7 +16,7 @@ from mpi4py import MPI
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import ShardBatches, eval_loader, load_dataset, shard_loader
-from .errors import UserError, agree
+from .errors import ProtocolError, UserError, agree
 from .metrics import MetricsFile, format_step
 from .models import build_model, default_arch, model_names
 from .protocol import StepRecord
@@ -135,6 +135,9 @@ class Trainer:
             if self.resume_path is not None:
                 self.resume_state = ckpt.load_checkpoint(self.resume_path, expect=self._identity())
         self._eval_model = None
+        # Evaluations and consistency checks look at the parameters of an exact global step on every rank.
+        periods = [p for p in (cfg.eval_every, cfg.verify_every) if p]
+        self.snapshot_every = math.gcd(*periods) if periods else 0
 
     # --- set-up ----------------------------------------------------------------------------------------------
 
@@ -163,8 +166,8 @@ class Trainer:
             self.opt = hvd_backup.DistributedOptimizer(
                 base, self.model.named_parameters(), backup_workers=self.b, straggler_timeout=cfg.straggler_timeout,
                 min_workers=cfg.min_workers, hang_timeout=cfg.hang_timeout, max_lag=cfg.max_lag, backend=cfg.backend)
-            if cfg.eval_every:
-                self.opt.keep_snapshots(cfg.eval_every)
+            if self.snapshot_every:
+                self.opt.keep_snapshots(self.snapshot_every)
         elif cfg.mode == "sync":
             self.opt = _SyncOptimizer(hvd, hvd.DistributedOptimizer(
                 base, named_parameters=self.model.named_parameters()), self.comm)
@@ -227,6 +230,19 @@ class Trainer:
         n = max(1.0, sums[3])
         return {"top1": sums[0] / n, "top5": sums[1] / n if self.split.num_classes > 5 else None,
                 "loss": sums[2] / n, "samples": int(sums[3])}
+
+    def verify(self, step: int, params=None) -> dict:
+        """Collective: check that every rank holds bit-identical parameters at global ``step``."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in params if params is not None else self.model.parameters():
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digests = self.comm.allgather(h.hexdigest())
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise ProtocolError(f"step {step}: parameters of ranks {differ} differ from rank 0's")
+        return {"ok": True, "digest": digests[0][:16]}
 
     def _autocast(self):
         if self.cfg.amp and self.device.type == "cuda":
@@ -317,10 +333,13 @@ class Trainer:
                 step_times.append(rec.duration_s)
                 self._log_step(rec, metrics, bar, start)
             for s in range(v + 1, g + 1):  # every boundary this rank crossed, in order, like all ranks do
+                params = opt.parameters_at(s) if self.snapshot_every and s % self.snapshot_every == 0 else None
                 if cfg.eval_every and s % cfg.eval_every == 0 and s < self.total:
-                    result = self.evaluate(opt.parameters_at(s))
+                    result = self.evaluate(params)
                     _print0(rank, self._eval_line(s, result))
                     metrics.write(dict(type="eval", step=s, time=time.monotonic() - start, **result))
+                if cfg.verify_every and s % cfg.verify_every == 0 and s < self.total:
+                    metrics.write(dict(type="verify", step=s, **self.verify(s, params)))
                 if cfg.checkpoint_every and s % cfg.checkpoint_every == 0 and s < self.total:
                     self.save(g)
         if bar is not None:
@@ -331,6 +350,8 @@ class Trainer:
             return EXIT_PREEMPTED
         result = self.evaluate()
         wall = time.monotonic() - start
+        if cfg.verify_every:
+            metrics.write(dict(type="verify", step=g, **self.verify(g)))
         _print0(rank, self._eval_line(g, result))
         metrics.write(dict(type="eval", step=g, time=wall, **result))
         self.save(g)

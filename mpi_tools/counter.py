@@ -1,6 +1,7 @@
 """The arrival counter: per-step MPI one-sided counters that decide who is in a step.
 
-One window, hosted on ``root``, holds a ring of ``slots`` 64-bit counter words and one progress word per rank.
+One window, hosted on ``root``, holds a ring of ``slots`` 64-bit counter words, and per rank a progress mark
+(the last step it contributed to) and a heartbeat (milliseconds on a clock the caller chooses).
 Step ``t`` uses word ``t % slots``. A word's value packs three counts::
 
     value = arrivals + CLOSE * closes + STOP * stops
@@ -70,18 +71,19 @@ class ArrivalCounter:
         self.size = size
         self._comm = comm.Dup()
         self.rank = self._comm.Get_rank()
-        words = self.slots + size
+        words = self.slots + 2 * size
         itemsize = _INT64.Get_size()
         self._win = MPI.Win.Allocate(words * itemsize if self.rank == root else 0, itemsize, comm=self._comm)
         if self.rank == root:
             init = np.zeros(words, dtype=np.int64)
-            init[self.slots:] = -1  # no rank has contributed to any step yet
+            init[self.slots:self.slots + size] = -1  # no rank has contributed to any step yet
             self._win.Lock(root, MPI.LOCK_EXCLUSIVE)
             self._win.Put([init, _INT64], root)
             self._win.Unlock(root)
         self._comm.Barrier()
         # One passive-target epoch for the window's whole life: each operation is then an RMA call plus a flush.
         self._win.Lock_all()
+        self._beat = None
 
     # --- the word operations -------------------------------------------------------------------------------
 
@@ -125,16 +127,26 @@ class ArrivalCounter:
         """Record that this rank contributed to ``step`` (read back by :meth:`read_marks` to name missing ranks)."""
         self._fetch_and_op(step, self.slots + self.rank, MPI.REPLACE)
 
-    def read_marks(self, timeout: float) -> list[int] | None:
-        """Every rank's last marked step (-1: none), or ``None`` if the host did not answer within ``timeout``.
+    def beat(self, now_ms: int) -> bool:
+        """Record that this rank is alive at ``now_ms`` (its heartbeat). Never blocks: while the previous beat
+        has not reached the host (a host that is stuck), it sends nothing and returns ``False``."""
+        if self._beat is not None and not self._beat[0].Test():
+            return False
+        origin = np.array([now_ms], dtype=np.int64)
+        where = (self.slots + self.size + self.rank, 1, _INT64)
+        request = self._win.Raccumulate([origin, _INT64], self.root, target=where, op=MPI.REPLACE)
+        self._beat = (request, origin)  # the buffer must live until the operation completes
+        return True
 
-        Bounded on purpose: it is called when something is already stuck, possibly the host itself.
-        """
-        buf = np.zeros(self.size, dtype=np.int64)
-        req = self._win.Rget([buf, _INT64], self.root, target=(self.slots, self.size, _INT64))
+    def read_marks(self, timeout: float) -> tuple[list[int], list[int]] | None:
+        """Every rank's last marked step (-1: none) and last heartbeat, or ``None`` if the host did not answer
+        within ``timeout``. Bounded on purpose: it is called when something is already stuck, maybe the host."""
+        n = self.size
+        buf = np.zeros(2 * n, dtype=np.int64)
+        req = self._win.Rget([buf, _INT64], self.root, target=(self.slots, 2 * n, _INT64))
         if not Backoff(1e-4, 1e-2).poll(req.Test, Deadline(timeout), between=self.progress):
             return None
-        return [int(x) for x in buf]
+        return [int(x) for x in buf[:n]], [int(x) for x in buf[n:]]
 
     def progress(self) -> None:
         """Let MPI make progress (serves other ranks' one-sided operations where the transport needs it)."""

@@ -17,12 +17,14 @@ import signal
 import subprocess
 import sys
 
-__all__ = ["mpirun_command", "mpirun_env", "run"]
+__all__ = ["finish", "mpirun_command", "mpirun_env", "rank_pids", "run", "start"]
 
 TIMED_OUT = 124
 
 
-def mpirun_command(np: int, argv: list[str], *, shm: bool = True, tag_output: bool = False) -> list[str]:
+def mpirun_command(np: int, argv: list[str], *, shm: bool = True, tag_output: bool = False,
+                   options: tuple[str, ...] = ()) -> list[str]:
+    """``mpirun`` with this machine's flags; ``options`` are more mpirun options (e.g. ``--mca`` pairs)."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise FileNotFoundError("mpirun is not on PATH: run `make setup`, or load your cluster's MPI module")
@@ -31,7 +33,7 @@ def mpirun_command(np: int, argv: list[str], *, shm: bool = True, tag_output: bo
         cmd.append("--tag-output")
     if not shm:
         cmd += ["--mca", "btl", "tcp,self", "--mca", "osc", "ucx", "-x", "UCX_TLS=tcp,self"]
-    return cmd + list(argv)
+    return cmd + list(options) + list(argv)
 
 
 def mpirun_env(env: dict | None = None) -> dict:
@@ -44,15 +46,38 @@ def mpirun_env(env: dict | None = None) -> dict:
 
 
 def run(np: int, argv: list[str], *, timeout: float, shm: bool = True, tag_output: bool = False,
-        env: dict | None = None, capture: bool = False, cwd: str | None = None) -> subprocess.CompletedProcess:
+        env: dict | None = None, capture: bool = False, cwd: str | None = None,
+        options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run ``argv`` on ``np`` ranks; kill the whole job after ``timeout`` seconds (returncode 124)."""
-    cmd = mpirun_command(np, argv, shm=shm, tag_output=tag_output)
+    cmd = mpirun_command(np, argv, shm=shm, tag_output=tag_output, options=options)
     return run_with_deadline(cmd, timeout=timeout, env=mpirun_env(env), capture=capture, cwd=cwd)
+
+
+def _session(sid: int) -> list[int]:
+    """PIDs of every process in session ``sid`` (mpirun and its ranks: Open MPI gives each rank its own
+    process group, but they stay in the session our launcher started)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def _kill_session(sid: int, sig: int) -> None:
+    for pid in _session(sid):
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
 
 
 def run_with_deadline(cmd: list[str], *, timeout: float, env: dict | None = None, capture: bool = False,
                       cwd: str | None = None) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group; on timeout kill the group and return code 124."""
+    """Run ``cmd`` in its own session; on timeout kill everything in it and return code 124."""
     out = subprocess.PIPE if capture else None
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT if capture else None,
                             text=True, start_new_session=True)
@@ -60,12 +85,13 @@ def run_with_deadline(cmd: list[str], *, timeout: float, env: dict | None = None
         stdout, _ = proc.communicate(timeout=timeout)
         code = proc.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
+        _kill_session(proc.pid, signal.SIGTERM)
         try:
             stdout, _ = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_session(proc.pid, signal.SIGKILL)
             stdout, _ = proc.communicate()
+        _kill_session(proc.pid, signal.SIGKILL)  # ranks that outlived mpirun
         code = TIMED_OUT
         message = f"mpi_tools.launch: killed after the {timeout:g}s deadline: {' '.join(cmd)}"
         if capture:
@@ -73,6 +99,40 @@ def run_with_deadline(cmd: list[str], *, timeout: float, env: dict | None = None
         else:
             print(message, file=sys.stderr, flush=True)
     return subprocess.CompletedProcess(cmd, code, stdout, None)
+
+
+def start(np: int, argv: list[str], *, shm: bool = True, env: dict | None = None, cwd: str | None = None,
+          options: tuple[str, ...] = (), output=None) -> subprocess.Popen:
+    """Start ``argv`` on ``np`` ranks without waiting, in its own session (``finish`` ends it)."""
+    cmd = mpirun_command(np, argv, shm=shm, options=options)
+    return subprocess.Popen(cmd, env=mpirun_env(env), cwd=cwd, stdout=output, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> int:
+    """Wait up to ``timeout`` seconds for a job from :func:`start`; then kill all of it (code 124)."""
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc.pid, signal.SIGKILL)
+        proc.wait()
+        code = TIMED_OUT
+    _kill_session(proc.pid, signal.SIGKILL)  # e.g. a rank left stopped (SIGSTOP) after mpirun exited
+    return code
+
+
+def rank_pids(proc: subprocess.Popen) -> dict[int, int]:
+    """``{rank: pid}`` of a job from :func:`start` (read from /proc: each rank's ``OMPI_COMM_WORLD_RANK``)."""
+    found = {}
+    for pid in _session(proc.pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if b"OMPI_COMM_WORLD_RANK" in env:
+            found[int(env[b"OMPI_COMM_WORLD_RANK"])] = pid
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

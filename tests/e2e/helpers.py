@@ -6,10 +6,11 @@ import json
 import os
 import pickle
 import sys
+import time
 
 import numpy as np
 
-from mpi_tools.launch import run
+from mpi_tools.launch import finish, rank_pids, run, start
 
 TRAIN = [sys.executable, "-m", "hvd_backup.train"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,6 +22,41 @@ def launch(np_: int, args: list[str], *, timeout: float = 240, shm: bool = True,
     full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     full_env.update(env or {})
     return run(np_, (program or TRAIN) + list(args), timeout=timeout, shm=shm, env=full_env, capture=True, cwd=ROOT)
+
+
+def background(np_: int, args: list[str], log_path, *, options: tuple[str, ...] = ()):
+    """Start the trainer on ``np_`` ranks without waiting; its output goes to ``log_path``."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
+    log = open(log_path, "w")
+    return start(np_, TRAIN + list(args), env=env, cwd=ROOT, options=options, output=log)
+
+
+def wait_until(predicate, proc, timeout: float, what: str) -> None:
+    """Poll ``predicate()`` until true; fail if the job ends first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout}s")
+        time.sleep(0.02)
+
+
+def last_step(metrics_path) -> int:
+    """The newest step record's step in a metrics file being written (-1 if none yet)."""
+    try:
+        with open(metrics_path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return -1
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("type") == "step":
+            return record["step"]
+    return -1
 
 
 def read_metrics(path) -> list[dict]:

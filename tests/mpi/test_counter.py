@@ -49,7 +49,9 @@ def test_stop_and_marks(comm, counter):
     counter.stop(0)
     comm.Barrier()
     assert ArrivalCounter.decode(counter.peek(0)).stops == comm.Get_size()
-    assert counter.read_marks(timeout=10) == [7] * comm.Get_size()
+    counter.beat(1234)
+    comm.Barrier()
+    assert counter.read_marks(timeout=10) == ([7] * comm.Get_size(), [1234] * comm.Get_size())
 
 
 def test_words_are_reused_for_many_steps_without_cross_counting(comm, counter):

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from .helpers import TRAIN, launch
+from tests.e2e.helpers import TRAIN, launch
 
 NP = 2
 
