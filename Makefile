@@ -11,7 +11,7 @@ export HVD_BACKUP_TEST_TIMEOUT ?= 240
 export HVD_BACKUP_JUNIT_DIR ?= reports
 MPI_PYTEST := $(PY) -m mpi4py -m pytest tests/mpi -q --color=no -p no:cacheprovider
 
-.PHONY: setup demo test test-unit test-mpi test-horovodrun test-train test-faults bench clean
+.PHONY: setup demo test test-unit test-mpi test-horovodrun test-train test-faults test-slurm bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml scripts/setup.sh scripts/build_horovod.sh
 demo: setup
 	$(PY) -m hvd_backup.demo
 
-test: setup test-unit test-mpi test-horovodrun test-train test-faults
+test: setup test-unit test-mpi test-horovodrun test-train test-faults test-slurm
 
 test-unit: setup
 	$(PY) -m pytest tests/unit -q --color=no
@@ -44,6 +44,10 @@ test-train: setup
 # What clusters do to jobs (slow, killed, frozen ranks; crashes; a soak) and the bad-input table.
 test-faults: setup
 	$(PY) -m pytest tests/faults -q --color=no -rA --junitxml=reports/faults.xml
+
+# The batch templates on a real local Slurm (installed with apt when missing; daemons stopped afterwards).
+test-slurm: setup
+	$(PY) -m pytest tests/slurm -q --color=no -rA
 
 bench: setup
 	$(PY) -m hvd_backup.bench

@@ -9,7 +9,7 @@ import os
 
 __all__ = ["AverageMeter", "MetricsFile", "format_step", "parse_step_line"]
 
-STEP_LINE = ("step {step:>7d} | loss {loss:8.4f} | lr {lr:.5f} | in {count:>3d}/{size:<3d} | dropped {dropped:<12s} "
+STEP_LINE = ("step {step:>7d} | loss {loss:8.4f} | lr {lr:9.3e} | in {count:>3d}/{size:<3d} | dropped {dropped:<12s} "
              "| step {step_ms:8.1f} ms | wait {wait_ms:8.1f} ms")
 
 

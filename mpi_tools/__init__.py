@@ -10,6 +10,7 @@ import importlib
 _WHERE = {
     "ArrivalCounter": "counter",
     "WordState": "counter",
+    "WindowError": "counter",
     "ClockSync": "clock",
     "Backoff": "deadline",
     "Deadline": "deadline",

@@ -33,9 +33,13 @@ from mpi4py import MPI
 
 from .deadline import Backoff, Deadline
 
-__all__ = ["ArrivalCounter", "WordState"]
+__all__ = ["ArrivalCounter", "WindowError", "WordState"]
 
 _INT64 = MPI.INT64_T
+
+
+class WindowError(ValueError):
+    """This MPI cannot do one-sided communication between these ranks (a launch setting, with advice)."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,15 @@ class ArrivalCounter:
         self.rank = self._comm.Get_rank()
         words = self.slots + 2 * size
         itemsize = _INT64.Get_size()
-        self._win = MPI.Win.Allocate(words * itemsize if self.rank == root else 0, itemsize, comm=self._comm)
+        try:
+            self._win = MPI.Win.Allocate(words * itemsize if self.rank == root else 0, itemsize, comm=self._comm)
+        except MPI.Exception as exc:
+            self._comm.Free()
+            raise WindowError(
+                f"MPI could not create a one-sided window across these ranks ({exc.Get_error_string().strip()}). "
+                "With Open MPI between nodes without RDMA, select the UCX component: mpirun --mca osc ucx,sm "
+                "(or export OMPI_MCA_osc=ucx,sm before srun)"
+            ) from None
         if self.rank == root:
             init = np.zeros(words, dtype=np.int64)
             init[self.slots:self.slots + size] = -1  # no rank has contributed to any step yet

@@ -8,7 +8,7 @@
 # torch >= 2.1 and `pip install horovod` works again.
 #
 # Environment: GPU=1 adds NCCL operations (NCCL from $HOROVOD_NCCL_HOME, else the nvidia-nccl wheel that
-# torch's CUDA build brings). MAKEFLAGS defaults to -j$(nproc).
+# torch's CUDA build brings; needs nvcc, i.e. a CUDA toolkit or module). MAKEFLAGS defaults to -j$(nproc).
 set -euo pipefail
 venv=${1:?usage: build_horovod.sh VENV}
 version=0.28.1
@@ -38,11 +38,16 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 if [ -n "${CUDA_HOME:-}" ]; then export HOROVOD_CUDA_HOME=${HOROVOD_CUDA_HOME:-$CUDA_HOME}; fi
 if [ "${GPU:-0}" = 1 ]; then
   export HOROVOD_GPU_OPERATIONS=NCCL
-  if [ -z "${HOROVOD_NCCL_HOME:-}" ]; then
-    HOROVOD_NCCL_HOME=$("$py" -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null \
-      || "$py" -c 'import nvidia, os, glob; print(glob.glob(os.path.join(nvidia.__path__[0], "*", "include", "nccl.h"))[0].rsplit("/include/", 1)[0])')
-    export HOROVOD_NCCL_HOME
+  # Kernels for the GPUs of today's clusters (V100 is not in nvcc 13); override with HOROVOD_BUILD_CUDA_CC_LIST.
+  export HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-75,80,86,89,90}
+  if [ -z "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_LIB:-}" ]; then
+    # The NCCL that torch's CUDA wheels bring: it ships libnccl.so.2 only, so link through a libnccl.so.
+    nccl=$("$py" -c 'import nvidia.nccl as n; print(list(n.__path__)[0])') \
+      || { echo "build_horovod.sh: no NCCL: set HOROVOD_NCCL_HOME (e.g. your cluster's NCCL module)" >&2; exit 1; }
+    mkdir -p "$work/nccl/lib"
+    ln -s "$nccl/lib/libnccl.so.2" "$work/nccl/lib/libnccl.so"
+    export HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_NCCL_LIB="$work/nccl/lib"
   fi
-  echo "build_horovod.sh: NCCL from $HOROVOD_NCCL_HOME"
+  echo "build_horovod.sh: GPU build with NCCL from ${HOROVOD_NCCL_HOME:-${HOROVOD_NCCL_INCLUDE%/include}}"
 fi
 "$py" -m pip install --no-build-isolation --no-deps --no-cache-dir "$src"

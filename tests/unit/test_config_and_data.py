@@ -33,8 +33,8 @@ def test_bad_flags(argv, message):
 
 
 def test_step_line_round_trips():
-    line = format_step(step=12, loss=0.5, lr=0.01, count=3, size=4, dropped=(3,), step_s=0.0123, wait_s=0.002)
-    assert parse_step_line(line) == {"step": 12, "loss": 0.5, "lr": 0.01, "count": 3, "size": 4, "dropped": [3],
+    line = format_step(step=12, loss=0.5, lr=0.0125, count=3, size=4, dropped=(3,), step_s=0.0123, wait_s=0.002)
+    assert parse_step_line(line) == {"step": 12, "loss": 0.5, "lr": 0.0125, "count": 3, "size": 4, "dropped": [3],
                                      "step_ms": 12.3, "wait_ms": 2.0}
 
 

@@ -1,0 +1,129 @@
+"""A real one-node Slurm for the tests: Debian's slurm-wlm and munge, a configuration in a temporary folder,
+munged, slurmctld and slurmd started here and stopped by PID.
+
+Four nodes, ``n[1-4]``, each with its own slurmd on this machine (``slurmd -N``), each declaring a full-size
+GPU node (96 CPUs, 8 GPUs as a GRES backed by dummy files; ``SlurmdParameters=config_overrides`` makes Slurm
+believe the configuration): ``sbatch --test-only`` checks the templates' full-size directives, and tiny jobs
+really run, on one or several "nodes", all on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+PACKAGES = ("slurm-wlm", "munge")
+
+
+def ensure_installed() -> None:
+    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise RuntimeError("Slurm is not installed and cannot be installed here (needs root and apt-get)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalSlurm:
+    """Start with :meth:`start`, submit with :meth:`sbatch`, stop with :meth:`stop` (PIDs we started only)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = os.path.join(root, "slurm.conf")
+        self.env = dict(os.environ, SLURM_CONF=self.conf)
+        self.pids: dict[str, int] = {}
+
+    NODES = [f"n{i}" for i in range(1, 5)]
+
+    def write_config(self) -> None:
+        r = self.root
+        for node in self.NODES:
+            os.makedirs(os.path.join(r, "spool", node), exist_ok=True)
+        os.makedirs(os.path.join(r, "state"), exist_ok=True)
+        for i in range(8):
+            open(os.path.join(r, f"gpu{i}"), "a").close()
+        port = _free_port()
+        nodes = "".join(
+            f"NodeName={node} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs=96 "
+            f"RealMemory=500000 Gres=gpu:8\n" for node in self.NODES)
+        with open(self.conf, "w") as f:
+            f.write(f"""ClusterName=hvdbackup
+SlurmctldHost={self.host}
+SlurmUser=root
+SlurmctldPort={port}
+AuthType=auth/munge
+AuthInfo=cred_expire=10
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool/%n
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd-%n.pid
+SlurmctldLogFile={r}/slurmctld.log
+SlurmdLogFile={r}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+GresTypes=gpu
+MpiDefault=none
+JobRequeue=1
+ReturnToService=2
+{nodes}PartitionName=debug Nodes=n[1-4] Default=YES MaxTime=INFINITE State=UP
+""")
+        with open(os.path.join(r, "gres.conf"), "w") as f:
+            f.write(f"Name=gpu File={r}/gpu[0-7]\n")
+
+    def _daemon(self, name: str, argv: list[str]) -> None:
+        log = open(os.path.join(self.root, f"{name}.out"), "w")
+        proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pids[name] = proc.pid
+
+    def start(self, timeout: float = 60) -> None:
+        ensure_installed()
+        self.write_config()
+        if subprocess.run(["pgrep", "-x", "munged"], stdout=subprocess.DEVNULL).returncode != 0:
+            os.makedirs("/run/munge", exist_ok=True)
+            self._daemon("munged", ["munged", "--foreground", "--force"])
+        self._daemon("slurmctld", ["slurmctld", "-D", "-f", self.conf])
+        for node in self.NODES:
+            self._daemon(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", self.conf])
+        deadline = time.monotonic() + timeout
+        states = ""
+        while time.monotonic() < deadline:
+            states = subprocess.run(["sinfo", "-h", "-o", "%T %D"], env=self.env, capture_output=True,
+                                    text=True).stdout.strip()
+            if states == f"idle {len(self.NODES)}":
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the local Slurm nodes did not become idle ({states!r}); see {self.root}/*.log")
+
+    def stop(self) -> None:
+        for name in sorted(self.pids, key=lambda n: n == "munged"):  # daemons first, munged last
+            pid = self.pids[name]
+            try:
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(50):
+                    time.sleep(0.1)
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                else:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self.pids.clear()
+
+    def run(self, argv: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, env={**self.env, **kw.pop("env", {})}, capture_output=True, text=True,
+                              timeout=timeout, **kw)
