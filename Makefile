@@ -9,7 +9,7 @@ LAUNCH := $(PY) -m mpi_tools.launch
 # Every multi-rank pytest run: each rank aborts with all stacks when a test passes this many seconds.
 export HVD_BACKUP_TEST_TIMEOUT ?= 240
 export HVD_BACKUP_JUNIT_DIR ?= reports
-MPI_PYTEST := $(PY) -m mpi4py -m pytest tests/mpi -q --color=no -p no:cacheprovider
+MPI_PYTEST := $(PY) -m mpi4py -m pytest tests/mpi -q --color=no -p no:cacheprovider --capture=sys
 
 .PHONY: setup demo test test-unit test-mpi test-horovodrun test-train test-faults test-slurm bench clean
 

@@ -78,6 +78,7 @@ class StepRecord:
     loss: tuple[float | None, ...] = ()  # per rank, the loss it reported with the gradient it handed in
     stop_requested: bool = False  # some rank asked the group to stop after this step (request_stop)
     seen_s: tuple[float | None, ...] = ()  # per rank that did not arrive: when it learned the step had closed
+    staleness: int | None = None  # asynchronous SGD only: updates that landed between this one's read and write
 
     @property
     def mean_loss(self) -> float | None:
@@ -201,6 +202,12 @@ class StepEngine:
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
         self._beat_every = min(1.0, hang_timeout / 4)
+        self._last_beat = 0.0
+        # The watchdog asks, the communication thread reads the counter window: all one-sided operations stay on
+        # one thread (Open MPI's UCX one-sided component is not safe with two threads operating at once).
+        self._diagnose = threading.Event()
+        self._diagnosed = threading.Event()
+        self._diagnosis = None
 
     # --- training-thread side ------------------------------------------------------------------------------
 
@@ -348,7 +355,7 @@ class StepEngine:
                 return "closed"
             if word.stops == self.size:
                 return "stopped"
-            self.counter.progress()
+            self._tend()
             with self._cond:
                 if self._rebase_to is None and (
                         self._pending is None or self._pending.arrived or self._pending.reply is not None):
@@ -479,7 +486,7 @@ class StepEngine:
                 elif word.arrivals >= self.min_workers:
                     self.counter.close(st.t)
                     closer = False
-            self.counter.progress()
+            self._tend()
             backoff.sleep()
         for h in handles:
             self.backend.finish(h)
@@ -517,6 +524,18 @@ class StepEngine:
         print(f"hvd_backup: rank {self.rank}: {exc}", file=sys.stderr, flush=True)
         exc.reported = True  # printed once, here
 
+    def _tend(self) -> None:
+        """The communication thread's chores between polls: MPI progress (the counter's host serves the others'
+        one-sided operations), this rank's heartbeat, and reading the counter when the watchdog asks."""
+        self.counter.progress()
+        now = time.monotonic()
+        if now - self._last_beat >= self._beat_every:
+            self._last_beat = now
+            self.counter.beat(int(1e3 * self.clock.now()))
+        if self._diagnose.is_set() and not self._diagnosed.is_set():
+            self._diagnosis = self.counter.read_marks(timeout=min(10.0, self.hang_timeout))
+            self._diagnosed.set()
+
     def _watch(self) -> None:
         """Fail a step that outlives ``hang_timeout``; abort the job if the process lingers after a failure."""
         while not self._finished.is_set():
@@ -524,10 +543,11 @@ class StepEngine:
             if self._error is not None:
                 break
             if st is not None and since is not None and time.monotonic() - since > self.hang_timeout:
+                self._diagnose.set()
+                self._diagnosed.wait(min(15.0, self.hang_timeout + 5))
                 self._fail(self._hang_error(st))
                 break
-            self.counter.beat(int(1e3 * self.clock.now()))
-            self._finished.wait(self._beat_every)
+            self._finished.wait(min(1.0, self._beat_every))
         if self._error is not None:
             # The training thread raises the error; if the process is still here (a rank stuck in MPI, an
             # interpreter waiting on it at exit), take the whole job down rather than hang.
@@ -539,7 +559,11 @@ class StepEngine:
 
     def _hang_error(self, st: _StepState) -> HangError:
         """Name the ranks that never posted this step, or that posted it and then went silent (killed, frozen)."""
-        found = self.counter.read_marks(timeout=min(10.0, self.hang_timeout))
+        if not self._diagnosed.is_set():
+            return HangError(f"step {st.t}: did not complete within hang_timeout={self.hang_timeout:g}s, and this "
+                             f"rank's communication thread is blocked inside MPI (the counter host rank "
+                             f"{self.counter.root} may be stuck or gone)")
+        found = self._diagnosis
         if found is None:
             return HangError(f"step {st.t}: the counter host rank {self.counter.root} did not answer (it is stuck "
                              f"or gone) and the step did not complete within hang_timeout={self.hang_timeout:g}s")

@@ -168,5 +168,25 @@ class StragglerInjector:
             [[self.delay(s, compute_s, rank=r) for r in range(self.size)] for s in range(steps)], dtype=float
         )
 
+    def draw(self, steps: int, compute_s: float, rng: np.random.Generator) -> np.ndarray:
+        """Delays of every rank for ``steps`` steps, shape ``(steps, size)``, drawn from ``rng`` in one go: the
+        same distributions as :meth:`delay`, for planning at any size (not the per-(rank, step) stream)."""
+        out = np.zeros((steps, self.size))
+        for term in self.terms:
+            cols = list(range(self.size)) if term.ranks is None else [r for r in term.ranks if r < self.size]
+            shape = (steps, len(cols))
+            if term.kind == "fixed":
+                add = np.full(shape, term.param("delay"))
+            elif term.kind == "slow":
+                add = np.full(shape, (term.param("factor") - 1.0) * compute_s)
+            elif term.kind == "exp":
+                add = rng.exponential(term.param("mean"), shape)
+            elif term.kind == "lognormal":
+                add = term.param("median") * np.exp(term.param("sigma") * rng.standard_normal(shape))
+            else:  # tail
+                add = np.where(rng.random(shape) < term.param("p"), term.param("delay"), 0.0)
+            out[:, cols] += add
+        return out
+
     def __repr__(self) -> str:
         return f"StragglerInjector({self.spec!r}, rank={self.rank}, size={self.size}, seed={self.seed})"

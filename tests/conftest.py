@@ -1,7 +1,8 @@
 """Test set-up shared by every suite.
 
-* A hard deadline per test: ``faulthandler`` dumps every thread's stack and exits the process when a test
-  outlives ``HVD_BACKUP_TEST_TIMEOUT`` seconds (default 180), so a deadlock fails fast with stacks.
+* A hard deadline per test: ``faulthandler`` dumps every thread's stack when a test outlives
+  ``HVD_BACKUP_TEST_TIMEOUT`` seconds (default 180) and SIGALRM ends the process just after, so a deadlock
+  fails fast with stacks.
 * Under ``mpirun`` (tests/mpi): one verdict for all ranks. After each phase of a test the ranks exchange
   their outcomes, and a test that failed on any rank fails on all of them, naming the ranks; so the ranks
   stay in step and ``mpirun`` exits non-zero. Each rank writes its own JUnit file when
@@ -10,6 +11,7 @@
 
 import faulthandler
 import os
+import signal
 import sys
 
 import pytest
@@ -46,8 +48,13 @@ def pytest_configure(config):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True)
+    # At the deadline every thread's stack goes to stderr; five seconds later SIGALRM (default action) ends the
+    # process even if a thread holds the GIL, and by then mpirun has forwarded the stacks of every rank.
+    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=False, file=sys.__stderr__)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(int(TEST_TIMEOUT) + 5)
     yield
+    signal.alarm(0)
     faulthandler.cancel_dump_traceback_later()
 
 
