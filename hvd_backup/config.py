@@ -61,7 +61,12 @@ class TrainConfig:
     mode: str = _f("backup (this project's optimizer), sync (hvd.DistributedOptimizer) or async", "--mode",
                    default="backup", choices=("backup", "sync", "async"))
     backend: str = _f("horovod or mpi (mpi needs no Horovod)", "--backend", default="horovod", choices=("horovod", "mpi"))
-    backup_workers: int = _f("b: each step does without the b slowest ranks", "--backup-workers", default=1)
+    backup_workers: int | str = _f("b: each step does without the b slowest ranks; 'auto' re-chooses b every "
+                                   "--auto-every steps, up to --max-backup-workers", "--backup-workers", default=1,
+                                   parse="int_or_auto")
+    auto_every: int = _f("with --backup-workers auto: steps between choices of b", "--auto-every", default=50)
+    max_backup_workers: int | None = _f("with --backup-workers auto: the largest b (default N // 4)",
+                                        "--max-backup-workers")
     straggler_timeout: float | None = _f("close a step this many seconds after its first arrival",
                                          "--straggler-timeout")
     min_workers: int | None = _f("fewest ranks a timeout may close a step with", "--min-workers")
@@ -116,7 +121,11 @@ class TrainConfig:
             self.step_epochs = [float(x) for x in self.lr_step_epochs.split(",") if x.strip()]
         except ValueError:
             raise ConfigError(f"--lr-step-epochs {self.lr_step_epochs!r}: must be numbers separated by commas") from None
-        need(self.backup_workers >= 0, f"--backup-workers {self.backup_workers}: must be >= 0")
+        need(self.backup_workers == "auto" or self.backup_workers >= 0,
+             f"--backup-workers {self.backup_workers}: must be >= 0")
+        need(self.auto_every >= 1, f"--auto-every {self.auto_every}: must be >= 1")
+        need(self.max_backup_workers is None or self.max_backup_workers >= 0,
+             f"--max-backup-workers {self.max_backup_workers}: must be >= 0")
         need(self.straggler_timeout is None or (math.isfinite(self.straggler_timeout) and self.straggler_timeout > 0),
              f"--straggler-timeout {self.straggler_timeout}: must be seconds > 0")
         need(math.isfinite(self.hang_timeout) and self.hang_timeout > 0,
@@ -134,6 +143,10 @@ class TrainConfig:
         from mpi_tools.straggler import StragglerInjector
 
         b = self.backup_workers if self.mode == "backup" else 0
+        if b == "auto":
+            b = max(1, size // 4) if self.max_backup_workers is None else self.max_backup_workers
+            if b >= size:
+                raise ConfigError(f"--max-backup-workers {b}: must be smaller than the number of ranks N={size}")
         if self.mode == "backup" and b >= size:
             raise ConfigError(f"--backup-workers {b}: must be smaller than the number of ranks N={size}")
         if self.mode == "backup" and self.min_workers is not None and self.min_workers > size - b:
@@ -145,6 +158,15 @@ class TrainConfig:
 
     def public(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _int_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: an integer or 'auto'") from None
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -165,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
             continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
+        if meta.pop("parse", None) == "int_or_auto":
+            kind = _int_or_auto
         if default is not None:
             help_text += f" (default: {default})"
         parser.add_argument(*flags, dest=f.name, type=kind, default=default, help=help_text, **meta)

@@ -31,13 +31,15 @@ def DistributedOptimizer(
     optimizer: torch.optim.Optimizer,
     named_parameters=None,
     *,
-    backup_workers: int = 1,
+    backup_workers: int | str = 1,
     straggler_timeout: float | None = None,
     min_workers: int | None = None,
     hang_timeout: float = 600.0,
     max_lag: int | None = None,
     backend: str = "horovod",
     comm: MPI.Intracomm | None = None,
+    auto_every: int = 50,
+    max_backup_workers: int | None = None,
 ):
     """Wrap ``optimizer`` for synchronous SGD that waits for the first N - ``backup_workers`` ranks each step.
 
@@ -47,7 +49,9 @@ def DistributedOptimizer(
     Args:
         optimizer: any ``torch.optim.Optimizer``; its parameter groups and state are taken over.
         named_parameters: ``model.named_parameters()``, used to name parameters in errors (optional).
-        backup_workers: b, the number of slowest ranks each step does without (0 <= b < N; 0 is plain sync).
+        backup_workers: b, the number of slowest ranks each step does without (0 <= b < N; 0 is plain sync),
+            or ``"auto"``: re-chosen every ``auto_every`` steps between 0 and ``max_backup_workers`` (default
+            N // 4) for the highest throughput, from the arrival records (:mod:`hvd_backup.adaptive`).
         straggler_timeout: seconds after a step's first arrival after which the step closes with the ranks
             that arrived (at least ``min_workers``); ``None`` waits for N - b.
         min_workers: the fewest arrivals a timeout may close a step with (1 <= min_workers <= N - b;
@@ -72,6 +76,8 @@ def DistributedOptimizer(
         max_lag=max_lag,
         backend=backend,
         comm=comm,
+        auto_every=auto_every,
+        max_backup_workers=max_backup_workers,
     )
 
 
@@ -87,8 +93,9 @@ def _agree(comm: MPI.Intracomm, settings: dict) -> None:
                 )
 
 
-def _validate(size: int, b, straggler_timeout, min_workers, hang_timeout, max_lag, backend) -> int:
-    """Check the settings (identical on all ranks by now); return min_workers."""
+def _validate(size: int, b, straggler_timeout, min_workers, hang_timeout, max_lag, backend, auto_every,
+              max_backup_workers) -> tuple[int, int | None, int]:
+    """Check the settings (identical on all ranks by now); return (initial b, largest b or None, min_workers)."""
 
     def is_int(x):
         return isinstance(x, numbers.Integral) and not isinstance(x, bool)
@@ -96,13 +103,21 @@ def _validate(size: int, b, straggler_timeout, min_workers, hang_timeout, max_la
     def is_seconds(x):
         return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
-    if not is_int(b) or not 0 <= b < size:
-        raise ValueError(f"hvd_backup: backup_workers={b!r} must be an integer with 0 <= b < N={size}")
+    b_max = None
+    if b == "auto":
+        b_max = max(1, size // 4) if max_backup_workers is None else max_backup_workers
+        if not is_int(b_max) or not 0 <= b_max < size:
+            raise ValueError(f"hvd_backup: max_backup_workers={b_max!r} must be an integer with 0 <= it < N={size}")
+        if not is_int(auto_every) or auto_every < 1:
+            raise ValueError(f"hvd_backup: auto_every={auto_every!r} must be an integer >= 1")
+        b = 0  # start synchronous; the first decision comes after auto_every steps of records
+    elif not is_int(b) or not 0 <= b < size:
+        raise ValueError(f"hvd_backup: backup_workers={b!r} must be an integer with 0 <= b < N={size}, or 'auto'")
     if straggler_timeout is not None and not is_seconds(straggler_timeout):
         raise ValueError(f"hvd_backup: straggler_timeout={straggler_timeout!r} must be None or seconds > 0")
     if not is_seconds(hang_timeout):
         raise ValueError(f"hvd_backup: hang_timeout={hang_timeout!r} must be seconds > 0")
-    quorum = size - b
+    quorum = size - (b if b_max is None else b_max)
     if min_workers is None:
         min_workers = 1
     if not is_int(min_workers) or not 1 <= min_workers <= quorum:
@@ -113,7 +128,7 @@ def _validate(size: int, b, straggler_timeout, min_workers, hang_timeout, max_la
         raise ValueError(f"hvd_backup: max_lag={max_lag!r} must be None or an integer >= 1")
     if backend not in BACKENDS:
         raise ValueError(f"hvd_backup: backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
-    return int(min_workers)
+    return int(b), b_max, int(min_workers)
 
 
 class _Hyper:
@@ -293,7 +308,7 @@ class _BackupOptimizer(torch.optim.Optimizer):
     """Mixed in before the wrapped optimizer's class; see :func:`DistributedOptimizer`."""
 
     def __init__(self, optimizer, named_parameters, *, backup_workers, straggler_timeout, min_workers,
-                 hang_timeout, max_lag, backend, comm):
+                 hang_timeout, max_lag, backend, comm, auto_every, max_backup_workers):
         # Take over the wrapped optimizer's groups, state and hooks as they are (no re-initialisation).
         self.__dict__.update(optimizer.__dict__)
         base = type(self).__mro__[2]
@@ -305,14 +320,14 @@ class _BackupOptimizer(torch.optim.Optimizer):
         _agree(comm, dict(
             backup_workers=backup_workers, straggler_timeout=straggler_timeout, min_workers=min_workers,
             hang_timeout=hang_timeout, max_lag=max_lag, backend=backend, optimizer=base.__name__,
+            auto_every=auto_every, max_backup_workers=max_backup_workers,
             parameters=consensus.signature(), hyper_parameters=consensus.hyper.signature(),
         ))
         size = comm.Get_size()
-        min_workers = _validate(size, backup_workers, straggler_timeout, min_workers, hang_timeout, max_lag,
-                                backend)
+        b, b_max, min_workers = _validate(size, backup_workers, straggler_timeout, min_workers, hang_timeout,
+                                          max_lag, backend, auto_every, max_backup_workers)
         self._hvdb_base = base
         self._hvdb_consensus = consensus
-        self.backup_workers = int(backup_workers)
         self.straggler_timeout = straggler_timeout
         self.min_workers = min_workers
         self.hang_timeout = float(hang_timeout)
@@ -320,13 +335,17 @@ class _BackupOptimizer(torch.optim.Optimizer):
         self._hvdb_engine = StepEngine(
             consensus,
             backend=make_backend(backend, comm),
-            quorum=size - self.backup_workers,
+            quorum=size - b,
             straggler_timeout=straggler_timeout,
             min_workers=min_workers,
             hang_timeout=self.hang_timeout,
             max_lag=max_lag,
             hyper_len=len(consensus.hyper.fields),
         )
+        if b_max is not None:
+            from .adaptive import AutoBackup
+
+            self._hvdb_engine.auto = AutoBackup(size, every=auto_every, b_min=0, b_max=b_max)
         self._hvdb_engine.start()
         self._hvdb_ready_at = time.monotonic()
         self._hvdb_closed = False
@@ -335,6 +354,11 @@ class _BackupOptimizer(torch.optim.Optimizer):
         atexit.register(lambda: ref() is not None and ref().close())
 
     # --- what users call ---------------------------------------------------------------------------------------
+
+    @property
+    def backup_workers(self) -> int:
+        """b in force now (with ``backup_workers="auto"`` it changes every ``auto_every`` steps)."""
+        return self._hvdb_engine.size - self._hvdb_engine.quorum
 
     @property
     def size(self) -> int:

@@ -51,8 +51,8 @@ __all__ = ["HangError", "ProtocolError", "StepEngine", "StepRecord"]
 # Arrival status codes in the metadata allreduce.
 _ABSENT, _LATE, _IN = 0.0, 1.0, 2.0
 # The metadata allreduce (float64): per-rank blocks of N values, then the first arriver's hyper-parameters.
-_ARRIVAL, _STATUS, _COMPUTE, _LOSS, _STOP = range(5)
-_BLOCKS = 5
+_ARRIVAL, _STATUS, _COMPUTE, _LOSS, _STOP, _DURATION = range(6)
+_BLOCKS = 6
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ class StepRecord:
     stop_requested: bool = False  # some rank asked the group to stop after this step (request_stop)
     seen_s: tuple[float | None, ...] = ()  # per rank that did not arrive: when it learned the step had closed
     staleness: int | None = None  # asynchronous SGD only: updates that landed between this one's read and write
+    quorum: int = 0  # k = N - b in force for this step
+    rank_step_s: tuple[float, ...] = ()  # per rank, the duration of its previous step (for choosing b)
 
     @property
     def mean_loss(self) -> float | None:
@@ -184,6 +186,9 @@ class StepEngine:
         self.stop_requested = False
         self._stop_wanted = False
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=history)
+        self.auto = None  # an AutoBackup when backup_workers="auto"
+        self._stale_compute: float | None = None
+        self._last_duration = 0.0
         self.timings = Timings()
 
         self._cond = threading.Condition()
@@ -393,6 +398,10 @@ class StepEngine:
                 meta[_BLOCKS * n:] = torch.tensor(sub.hyper, dtype=torch.float64)
         else:
             meta[_ARRIVAL * n + me] = st.closed_seen_at  # when this rank learned the step had closed
+            if self._stale_compute is not None:  # the compute time of a gradient that came too late to count
+                meta[_COMPUTE * n + me] = self._stale_compute
+        self._stale_compute = None
+        meta[_DURATION * n + me] = self._last_duration
         if self._stop_wanted:
             meta[_STOP * n + me] = 1.0
         if self._busy_since is None:
@@ -424,13 +433,16 @@ class StepEngine:
             closed_by="all" if count == n else "quorum" if count == self.quorum else "timeout",
             status="absent", wait_s=0.0,
             arrival_s=tuple(times[r] - first if arrived[r] else None for r in range(n)),
-            compute_s=tuple(block[_COMPUTE][r] if arrived[r] else None for r in range(n)),
+            compute_s=tuple(block[_COMPUTE][r] if block[_COMPUTE][r] > 0 else None for r in range(n)),
             duration_s=now - self._last_done,
             loss=tuple(block[_LOSS][r] if arrived[r] and math.isfinite(block[_LOSS][r]) else None
                        for r in range(n)),
             stop_requested=any(block[_STOP]),
             seen_s=tuple(None if arrived[r] else times[r] - first for r in range(n)),
+            quorum=self.quorum,
+            rank_step_s=tuple(block[_DURATION]),
         )
+        self._last_duration = now - self._last_done
         self._last_done = now
         return record, hyper
 
@@ -461,6 +473,10 @@ class StepEngine:
         if record.stop_requested:
             self.stop_requested = True
         self.records.append(record)
+        if self.auto is not None and (t + 1) % self.auto.every == 0:
+            b = self.auto.decide(self.records, seed=t)  # the same data and seed on every rank: the same b
+            if b is not None:
+                self.quorum = self.size - b
         if pending is not None and pending.version == t:
             self._reply(pending, record, "included" if included else "dropped")
         elif pending is not None:  # a stale gradient handed in while the step ran
@@ -499,6 +515,7 @@ class StepEngine:
         tic = time.perf_counter()
         self.model.restore_live()
         self.timings.add("catch_up", time.perf_counter() - tic)
+        self._stale_compute = sub.compute_s
         self.version = self.consensus_version
         last = self.records[-1] if self.records else None
         if last is None:

@@ -112,6 +112,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.b = cfg.backup_workers if cfg.mode == "backup" else 0
+        if self.b == "auto":
+            self.b = 0  # where "auto" starts; the learning rate is scaled for N ranks
         from mpi_tools import StragglerInjector
 
         self.injector = StragglerInjector(cfg.straggler, rank=self.rank, size=self.size, seed=cfg.seed)
@@ -125,8 +127,10 @@ class Trainer:
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = self._sampler(0, 0).batches
+        if cfg.mode == "async":  # a global step is one rank's update: N of them per synchronous step
+            self.steps_per_epoch *= self.size
         self.total = cfg.steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
-        self.effective_batch = (self.size - self.b) * cfg.batch_size
+        self.effective_batch = cfg.batch_size if cfg.mode == "async" else (self.size - self.b) * cfg.batch_size
         self.peak_lr = cfg.lr * self.effective_batch / cfg.lr_base_batch
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.resume_path = None
@@ -148,6 +152,11 @@ class Trainer:
         return ShardBatches(len(self.split.train), rank=self.rank, size=self.size, batch_size=self.cfg.batch_size,
                             seed=self.cfg.seed, epoch=epoch, start=start)
 
+    def _batches(self, epoch: int, start_step: int):
+        start = start_step // self.size if self.cfg.mode == "async" else start_step
+        return iter(shard_loader(self.split.train, self._sampler(epoch, start), workers=self.cfg.workers,
+                                 pin_memory=self.device.type == "cuda"))
+
     def setup(self) -> None:
         """Collective: Horovod, the distributed optimizer, resume, broadcast of the initial parameters."""
         cfg = self.cfg
@@ -164,7 +173,9 @@ class Trainer:
             import hvd_backup
 
             self.opt = hvd_backup.DistributedOptimizer(
-                base, self.model.named_parameters(), backup_workers=self.b, straggler_timeout=cfg.straggler_timeout,
+                base, self.model.named_parameters(), backup_workers=cfg.backup_workers,
+                auto_every=cfg.auto_every, max_backup_workers=cfg.max_backup_workers,
+                straggler_timeout=cfg.straggler_timeout,
                 min_workers=cfg.min_workers, hang_timeout=cfg.hang_timeout, max_lag=cfg.max_lag, backend=cfg.backend)
             if self.snapshot_every:
                 self.opt.keep_snapshots(self.snapshot_every)
@@ -310,9 +321,12 @@ class Trainer:
             v = g
             if v // spe != epoch:
                 epoch = v // spe
-                batches = iter(shard_loader(self.split.train, self._sampler(epoch, v % spe), workers=cfg.workers,
-                                            pin_memory=self.device.type == "cuda"))
-            x, y = next(batches)
+                batches = self._batches(epoch, v % spe)
+            try:
+                x, y = next(batches)
+            except StopIteration:  # async: a fast rank went through its shard before the epoch ended
+                batches = self._batches(epoch, 0)
+                x, y = next(batches)
             for group in opt.param_groups:
                 group["lr"] = self.lr_at(v)
             torch.manual_seed(hash((cfg.seed, rank, v)) & 0x7FFF_FFFF)  # dropout etc.: a function of the step
@@ -328,7 +342,7 @@ class Trainer:
             opt.step(loss=loss.detach())
             g = opt.global_step
             for rec in opt.pop_records():
-                for r in rec.dropped:
+                for r in rec.dropped if cfg.mode != "async" else ():
                     dropped_counts[r] += 1
                 step_times.append(rec.duration_s)
                 self._log_step(rec, metrics, bar, start)
@@ -356,7 +370,7 @@ class Trainer:
         metrics.write(dict(type="eval", step=g, time=wall, **result))
         self.save(g)
         mean_step = float(np.mean(step_times)) if step_times else 0.0
-        summary = dict(type="summary", mode=cfg.mode, size=self.size, backup_workers=self.b, steps=g, wall_s=wall,
+        summary = dict(type="summary", mode=cfg.mode, size=self.size, backup_workers=cfg.backup_workers if cfg.mode == "backup" else 0, steps=g, wall_s=wall,
                        mean_step_s=mean_step, dropped_counts=dropped_counts, **{f"final_{k}": v for k, v in result.items()})
         metrics.write(summary)
         _print0(rank, f"done: {g} steps in {wall:.1f}s, {mean_step * 1e3:.1f} ms/step, top1 {result['top1']:.4f}, "
@@ -372,8 +386,9 @@ class Trainer:
         loss = rec.mean_loss
         metrics.write(dict(type="step", step=rec.step, time=time.monotonic() - start, loss=loss, lr=lr,
                            count=rec.count, size=rec.size, included=list(rec.included), dropped=list(rec.dropped),
-                           closed_by=rec.closed_by, step_s=rec.duration_s, wait_s=wait,
-                           arrival_s=list(rec.arrival_s), compute_s=list(rec.compute_s)))
+                           closed_by=rec.closed_by, quorum=rec.quorum, step_s=rec.duration_s, wait_s=wait,
+                           arrival_s=list(rec.arrival_s), compute_s=list(rec.compute_s),
+                           **({} if rec.staleness is None else {"staleness": rec.staleness})))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "-", inc=f"{rec.count}/{rec.size}")

@@ -28,6 +28,8 @@ py="$venv/bin/python"
 if ! "$py" -c 'import hvd_backup, mpi4py, torch, torchvision, tqdm, pytest, matplotlib, sklearn' >/dev/null 2>&1; then
   say "installing torch, mpi4py and hvd_backup into $venv"
   "$py" -m pip install -q -e "$here[test,plots]"
+else
+  "$py" -m pip install -q --no-deps -e "$here"  # refresh entry points after a change to pyproject.toml
 fi
 # mpi4py's wheel loads the MPI library found at run time (Open MPI and MPICH ABIs). Compile it with this MPI's
 # mpicc when asked (MPI4PY_FROM_SOURCE=1) or when the wheel does not pick up the MPI on PATH (4 minutes here).

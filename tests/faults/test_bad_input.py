@@ -35,7 +35,7 @@ CASES = {
     "missing-data-folder": (["--dataset", "imagenet", "--data", "{root}/nope"], "no such directory"),
     "empty-data-folder": (["--dataset", "imagenet", "--data", "{root}/empty"], "train/: Couldn't find any class folder"),
     "b-negative": (["--backup-workers", "-1"], "--backup-workers -1: must be >= 0"),
-    "b-not-a-number": (["--backup-workers", "two"], "argument --backup-workers: invalid int value: 'two'"),
+    "b-not-a-number": (["--backup-workers", "two"], "argument --backup-workers: invalid value 'two': an integer or 'auto'"),
     "b-at-least-N": (["--backup-workers", str(NP)],
                      f"--backup-workers {NP}: must be smaller than the number of ranks N={NP}"),
     "timeout-zero": (["--straggler-timeout", "0"], "--straggler-timeout 0.0: must be seconds > 0"),

@@ -119,6 +119,21 @@ def test_straggler_timeout_closes_with_fewer_than_quorum(comm, backend):
     assert_same_everywhere(comm, digest, "parameters and momentum")
 
 
+def test_auto_b_learns_to_drop_a_slow_rank_and_all_ranks_agree(comm, backend):
+    need_ranks(comm, 2)
+    size, rank = comm.Get_size(), comm.Get_rank()
+    injector = StragglerInjector(f"fixed:delay=0.15,rank={size - 1}", rank=rank, size=size)
+    model = make_model()
+    with make_opt(model, backend, backup_workers="auto", auto_every=8, max_backup_workers=1) as opt:
+        train_until(opt, model, 24, injector)
+        records = opt.pop_records()
+        b_now = opt.backup_workers
+    assert [r.quorum for r in records[:8]] == [size] * 8  # starts synchronous
+    assert all(r.quorum == size - 1 for r in records[8:]), [r.quorum for r in records]
+    assert b_now == 1
+    assert_same_everywhere(comm, [r.quorum for r in records], "the quorum of each step")
+
+
 def test_b0_is_plain_synchronous_sgd(comm, backend):
     """With b = 0 every rank is in every step and the update is the mean over all ranks."""
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -181,7 +196,9 @@ def test_resume_restores_the_global_step(comm, backend):
 
 BAD = [
     (dict(backup_workers=-1), "backup_workers=-1 must be an integer with 0 <= b < N"),
-    (dict(backup_workers="N"), "backup_workers='N' must be an integer"),
+    (dict(backup_workers="N"), "backup_workers='N' must be an integer with 0 <= b < N=.*, or 'auto'"),
+    (dict(backup_workers="auto", max_backup_workers=-1), "max_backup_workers=-1 must be an integer"),
+    (dict(backup_workers="auto", auto_every=0), "auto_every=0 must be an integer >= 1"),
     (dict(backup_workers=1.5), "backup_workers=1.5 must be an integer"),
     (dict(backup_workers="size"), "must be an integer with 0 <= b < N"),
     (dict(straggler_timeout=0), "straggler_timeout=0 must be None or seconds > 0"),
