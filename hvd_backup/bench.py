@@ -73,6 +73,103 @@ def counter_tcp(out: str, quick: bool) -> dict:
     return result
 
 
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@experiment("step-time")
+def step_time(out: str, quick: bool) -> dict:
+    """Step time against b at N = 4 and 8, three straggler models; and the b-planner checked against it."""
+    # (registered after "overhead" and "counter": `--only` keeps this order)
+    from .experiments import plots
+    from .plan import Workload, predict
+
+    results = {}
+    for n in (4, 8):
+        traces = os.path.join(out, f"traces-n{n}")
+        os.makedirs(traces, exist_ok=True)
+        path = os.path.join(out, f"step_time_n{n}.json")
+        _job(n, "hvd_backup.experiments.step_time", ["--steps", "15" if quick else "60", "--max-b", "3",
+                                                      "--out", path, "--traces", traces])
+        result = _load(path)
+        plots.step_time(result, os.path.join(out, f"step_time_n{n}.png"))
+        print(f"\nstep time, {n} ranks (ms per step; ideal in brackets)")
+        print(f"{'model':16s}{'horovod':>9s}" + "".join(f"{'b=' + str(b):>15s}" for b in range(4)) + f"{'auto':>10s}")
+        for name, row in result["models"].items():
+            cells = "".join(f"{row['measured_ms'][f'b{b}']:7.1f} [{row['ideal_ms'][f'b{b}']:5.1f}]" for b in range(4))
+            print(f"{name:16s}{row['measured_ms']['horovod']:9.1f}{cells}{row['measured_ms']['auto_steady']:10.1f}"
+                  f"  (auto chose b={row['auto_final_b']})")
+        # The planner, fed with one run's trace, predicts the step time; compare with what was measured: each b
+        # from its own trace, and every b from the b=1 trace (the planner's real job: b not yet tried).
+        validation = {}
+        for name, row in result["models"].items():
+            validation[name] = {}
+            one, one_info = Workload.from_trace(row["traces"]["b1"])
+            for b in range(4):
+                own, own_info = Workload.from_trace(row["traces"][f"b{b}"])
+                measured = row["measured_ms"][f"b{b}"]
+                self_ms = 1e3 * predict(own, n, b, steps=400, comm_s=own_info["overhead_s"], per_rank=True)
+                cross_ms = 1e3 * predict(one, n, b, steps=400, comm_s=one_info["overhead_s"], per_rank=True)
+                validation[name][f"b{b}"] = {"measured_ms": measured, "predicted_own_trace_ms": self_ms,
+                                             "error": self_ms / measured - 1, "predicted_from_b1_ms": cross_ms,
+                                             "error_from_b1": cross_ms / measured - 1}
+        result["planner_validation"] = validation
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"planner against measured, {n} ranks: predicted/measured - 1, from the run's own trace "
+              "[from the b=1 trace]")
+        for name, rows in validation.items():
+            print(f"  {name:16s}" + "".join(f"  b={b[1:]}: {v['error']:+6.1%} [{v['error_from_b1']:+6.1%}]"
+                                              for b, v in rows.items()))
+        results[n] = result
+    return results
+
+
+@experiment("counter")
+def counter_cost(out: str, quick: bool) -> list:
+    from .experiments import plots
+
+    rows = []
+    for shm, transport in ((True, "shm"), (False, "tcp")):
+        for n in (2, 4, 8, 16):
+            path = os.path.join(out, f"counter_{transport}_n{n}.json")
+            _job(n, "hvd_backup.experiments.counter_cost", ["--out", path, "--seconds", "0.2" if quick else "1"],
+                 shm=shm)
+            rows.append(dict(_load(path), transport=transport))
+    with open(os.path.join(out, "counter.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    plots.counter(rows, os.path.join(out, "counter.png"))
+    print(f"\n{'transport':10s}{'N':>4s}{'alone us':>10s}{'contended us':>14s}{'ops/s at host':>15s}")
+    for r in rows:
+        print(f"{r['transport']:10s}{r['ranks']:4d}{r['alone_median_us']:10.1f}{r['contended_median_us']:14.1f}"
+              f"{r['contended_ops_per_s']:15.0f}")
+    return rows
+
+
+@experiment("accuracy")
+def accuracy(out: str, quick: bool) -> dict:
+    from .experiments import plots
+
+    path = os.path.join(out, "accuracy.json")
+    cmd = [sys.executable, "-m", "hvd_backup.experiments.accuracy", "--out", path] + (["--quick"] if quick else [])
+    print("+", " ".join(cmd[1:]), flush=True)
+    import subprocess
+
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit("bench: the accuracy experiment failed")
+    result = _load(path)
+    plots.accuracy(result, os.path.join(out, "accuracy.png"))
+    print(f"\n{'task':16s}{'mode':14s}{'final top-1 (seeds)':>28s}{'wall s':>9s}{'staleness':>10s}")
+    for task, modes in result["tasks"].items():
+        for mode, runs in modes.items():
+            tops = " ".join(f"{r['final_top1']:.3f}" for r in runs)
+            wall = sum(r["wall_s"] for r in runs) / len(runs)
+            stale = runs[0]["mean_staleness"]
+            print(f"{task:16s}{mode:14s}{tops:>28s}{wall:9.1f}{'' if stale is None else f'{stale:.1f}':>10s}")
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hvd_backup.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (few steps, one repetition)")

@@ -311,6 +311,7 @@ class Trainer:
         g = opt.global_step
         epoch, batches = None, None
         dropped_counts = [0] * self.size
+        last_compute = 0.0  # seconds of the previous forward and backward (for --straggler slow:factor=F)
         step_times: list[float] = []
         start = time.monotonic()
         _print0(rank, f"training {self.arch} on {cfg.dataset}: {self.size} ranks, mode {cfg.mode}, b={self.b}, "
@@ -330,6 +331,9 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = self.lr_at(v)
             torch.manual_seed(hash((cfg.seed, rank, v)) & 0x7FFF_FFFF)  # dropout etc.: a function of the step
+            # An injected straggler is slow to produce its gradient (like slow data or compute): the delay comes
+            # before the forward pass, so no allreduce (Horovod starts them during backward) hides it.
+            self.injector.sleep(v, last_compute)
             tic = time.monotonic()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.device.type == "cuda":
@@ -338,7 +342,7 @@ class Trainer:
             with self._autocast():
                 loss = self.criterion(model(x), y)
             loss.backward()
-            self.injector.sleep(v, time.monotonic() - tic)
+            last_compute = time.monotonic() - tic
             opt.step(loss=loss.detach())
             g = opt.global_step
             for rec in opt.pop_records():

@@ -41,20 +41,26 @@ def build(size: str, seed: int = 0):
     return model, torch.randn(32, inp, generator=g), torch.randint(0, 10, (32,), generator=g)
 
 
-def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmup: int = 3) -> dict:
-    """Train ``steps`` global steps with ``variant`` ("horovod", "b0", "b1"); rank 0's wall time and details."""
+def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmup: int = 3,
+        trace: str | None = None, auto_max: int | None = None) -> dict:
+    """Train ``steps`` global steps with ``variant`` ("horovod", "b0", "b1", ..., "auto"); rank 0's wall time,
+    this rank's compute times, and (ours) the step records; rank 0 writes them to ``trace`` in the trainer's
+    metrics format when given."""
     comm = MPI.COMM_WORLD
     model, x, y = build(size)
     base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     ours = variant != "horovod"
-    if ours:
+    if variant == "auto":
+        opt = hvd_backup.DistributedOptimizer(base, model.named_parameters(), backup_workers="auto", auto_every=10,
+                                              max_backup_workers=auto_max)
+    elif ours:
         opt = hvd_backup.DistributedOptimizer(base, model.named_parameters(), backup_workers=int(variant[1:]))
     else:
         opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters())
     injector = StragglerInjector(spec, rank=comm.Get_rank(), size=comm.Get_size(), seed=5)
     loss_fn = torch.nn.CrossEntropyLoss()
     computes: dict[int, float] = {}
-    done = 0
+    done, last = 0, 0.0
     start = None
     while (opt.global_step if ours else done) < steps + warmup:
         v = opt.global_step if ours else done
@@ -63,12 +69,11 @@ def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmu
             start = time.perf_counter()
             if ours:
                 opt.timings(reset=True)
+        injector.sleep(v, last)  # slow before the gradient exists, as a real straggler is
         tic = time.perf_counter()
         opt.zero_grad()
         loss_fn(model(x), y).backward()
-        compute = time.perf_counter() - tic
-        computes[v] = compute
-        injector.sleep(v, compute)
+        computes[v] = last = time.perf_counter() - tic
         opt.step()
         done += 1
     elapsed = time.perf_counter() - start
@@ -76,7 +81,14 @@ def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmu
     if ours:
         out["timings"] = opt.timings()
         out["records"] = [r for r in opt.pop_records() if r.step >= warmup]
+        out["final_b"] = opt.backup_workers
         opt.close()
+        if trace and comm.Get_rank() == 0:
+            with open(trace, "w") as f:
+                for r in out["records"]:
+                    f.write(json.dumps({"type": "step", "step": r.step, "size": r.size, "count": r.count,
+                                        "quorum": r.quorum, "step_s": r.duration_s,
+                                        "compute_s": list(r.compute_s)}) + "\n")
     return out
 
 

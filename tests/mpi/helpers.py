@@ -32,11 +32,11 @@ def train_until(opt, model, steps, injector: StragglerInjector | None = None, ba
         if barrier is not None:
             barrier()
         version = opt.global_step
+        if injector is not None:
+            injector.sleep(version)
         x, y = batch(version, opt.rank)
         opt.zero_grad()
         loss_fn(model(x), y).backward()
-        if injector is not None:
-            injector.sleep(version)
         opt.step()
         mine.append((version, opt.last_step))
     return mine

@@ -1,0 +1,77 @@
+"""Time to accuracy: plain sync, backup workers (b = 1, 2) and async SGD, on digits and on a harder synthetic
+image task, several seeds, each a real ``hvd-backup-train`` job with the same injected heavy-tailed delays.
+
+    python -m hvd_backup.experiments.accuracy --out accuracy.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from mpi_tools.launch import run
+
+NP = 4
+STRAGGLER = "lognormal:median=0.02,sigma=1"
+TASKS = {
+    "digits": (["--dataset", "digits", "--epochs", "15"], 15),
+    "synthetic-16px": (["--dataset", "synthetic", "--image-size", "16", "--num-classes", "10", "--synthetic-size",
+                        "4096", "--arch", "resnet18", "-b", "16", "--epochs", "2", "--lr", "0.2"], 16),
+}
+MODES = {
+    "sync": ["--mode", "sync"],
+    "backup b=1": ["--mode", "backup", "--backup-workers", "1"],
+    "backup b=2": ["--mode", "backup", "--backup-workers", "2"],
+    "async": ["--mode", "async"],
+}
+
+
+def curve(path: str) -> dict:
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    evals = [r for r in records if r["type"] == "eval"]
+    summary = next(r for r in records if r["type"] == "summary")
+    staleness = [r["staleness"] for r in records if r["type"] == "step" and "staleness" in r]
+    return {"step": [e["step"] for e in evals], "time": [e["time"] for e in evals], "top1": [e["top1"] for e in evals],
+            "final_top1": summary["final_top1"], "wall_s": summary["wall_s"], "steps": summary["steps"],
+            "mean_staleness": sum(staleness) / len(staleness) if staleness else None}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one seed, digits only")
+    args = parser.parse_args(argv)
+    tasks = {"digits": TASKS["digits"]} if args.quick else TASKS
+    seeds = 1 if args.quick else args.seeds
+    result = {"ranks": NP, "straggler": STRAGGLER, "tasks": {}}
+    with tempfile.TemporaryDirectory(prefix="hvd_backup-accuracy-") as tmp:
+        for task, (flags, eval_every) in tasks.items():
+            result["tasks"][task] = {}
+            for mode, mode_flags in MODES.items():
+                runs = []
+                for seed in range(seeds):
+                    metrics = os.path.join(tmp, f"{task}-{mode}-{seed}.jsonl".replace(" ", "_").replace("=", ""))
+                    every = eval_every * (NP if mode == "async" else 1)  # async counts one rank's update as a step
+                    cmd = [sys.executable, "-m", "hvd_backup.train", *flags, *mode_flags, "--seed", str(seed),
+                           "--straggler", STRAGGLER, "--eval-every", str(every), "--print-freq", "100000",
+                           "--metrics", metrics, "--progress", "lines"]
+                    proc = run(NP, cmd, timeout=900, capture=True)
+                    if proc.returncode != 0:
+                        print(proc.stdout, file=sys.stderr)
+                        raise SystemExit(f"accuracy: {task} {mode} seed {seed} failed ({proc.returncode})")
+                    runs.append(curve(metrics))
+                    print(f"{task:16s} {mode:12s} seed {seed}: top1 {runs[-1]['final_top1']:.4f} in "
+                          f"{runs[-1]['wall_s']:.1f}s", flush=True)
+                result["tasks"][task][mode] = runs
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
