@@ -61,18 +61,6 @@ def overhead(out: str, quick: bool) -> dict:
     return result
 
 
-@experiment("counter-tcp")
-def counter_tcp(out: str, quick: bool) -> dict:
-    path = os.path.join(out, "counter_tcp.json")
-    _job(4, "hvd_backup.experiments.overhead", ["--parts", "c", "--out", path], shm=False)
-    with open(path) as f:
-        result = json.load(f)
-    print("\n(c) one counter operation, no shared memory (TCP, osc ucx) (us)")
-    for op, r in result["c_counter_latency"].items():
-        print(f"{op:8s} median {r['median_us']:7.1f}   p99 {r['p99_us']:7.1f}")
-    return result
-
-
 def _load(path):
     with open(path) as f:
         return json.load(f)
@@ -81,7 +69,6 @@ def _load(path):
 @experiment("step-time")
 def step_time(out: str, quick: bool) -> dict:
     """Step time against b at N = 4 and 8, three straggler models; and the b-planner checked against it."""
-    # (registered after "overhead" and "counter": `--only` keeps this order)
     from .experiments import plots
     from .plan import Workload, predict
 
