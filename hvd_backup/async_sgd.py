@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from .baselines import LoopOptimizer
 from .protocol import StepRecord
 
 __all__ = ["AsyncOptimizer"]
@@ -22,15 +23,16 @@ __all__ = ["AsyncOptimizer"]
 _TYPES = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}
 
 
-class AsyncOptimizer:
+class AsyncOptimizer(LoopOptimizer):
     """Asynchronous SGD with momentum over ``base``'s parameters (an SGD optimizer, whose ``lr``, ``momentum``
     and ``weight_decay`` are used). Collective constructor and :meth:`close`; ``step()`` is not collective."""
 
     def __init__(self, base: torch.optim.Optimizer, *, comm: MPI.Intracomm | None = None, root: int = 0):
+        self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+        super().__init__(self.comm.Get_size(), self.comm.Get_rank())
         self.base = base
         self.param_groups = base.param_groups
-        self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
-        self.rank, self.size, self.root = self.comm.Get_rank(), self.comm.Get_size(), root
+        self.root = root
         self.params = [p for g in base.param_groups for p in g["params"] if p.requires_grad]
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1 or next(iter(dtypes)) not in _TYPES:
@@ -43,13 +45,7 @@ class AsyncOptimizer:
         # Window on the root: the parameters; a second one-word window numbers the updates.
         self.win = MPI.Win.Allocate(self.numel * itemsize if self.rank == root else 0, itemsize, comm=self.comm)
         self.version_win = MPI.Win.Allocate(8 if self.rank == root else 0, 8, comm=self.comm)
-        self.global_step = 0
         self._read_version = 0
-        self._records: list[StepRecord] = []
-        self.last_step: StepRecord | None = None
-        self._stop_wanted = False
-        self.stop_requested = False
-        self._last = time.monotonic()
         self._started = False
 
     # --- the window ----------------------------------------------------------------------------------------
@@ -121,27 +117,12 @@ class AsyncOptimizer:
         written = self._version(1)
         staleness = written - self._read_version
         now = time.monotonic()
-        rec = StepRecord(written, self.size, 1, (self.rank,), "async", "included", now - t0, (), (), now - self._last,
-                         (None if loss is None else float(loss),), staleness=staleness)
-        self._last = now
-        self._records.append(rec)
-        self.last_step = rec
+        self._record(StepRecord(written, self.size, 1, (self.rank,), "async", "included", now - t0, (), (),
+                                now - self._last, (None if loss is None else float(loss),), staleness=staleness,
+                                quorum=1))
         self._pull()
         if self._stop_wanted:
             self.stop_requested = True
-
-    def pop_records(self):
-        out, self._records = self._records, []
-        return out
-
-    def request_stop(self):
-        self._stop_wanted = True
-
-    def keep_snapshots(self, every):
-        pass
-
-    def parameters_at(self, step):
-        return None  # asynchronous: every rank evaluates its newest copy
 
     def state_dict(self):
         return {"state": {}, "param_groups": [], "hvd_backup": {"global_step": self.global_step, "mode": "async"}}

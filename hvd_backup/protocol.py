@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from mpi4py import MPI
 
-from mpi_tools import ArrivalCounter, Backoff, ClockSync, Deadline
+from mpi_tools import ArrivalCounter, Backoff, ClockSync
 
 from .errors import HangError, ProtocolError
 
@@ -161,7 +161,7 @@ class StepEngine:
         max_lag: int | None,
         hyper_len: int,
         slots: int = 4,
-        poll_cap: float = 5e-4,
+        poll_cap: float | None = None,
         abort_grace: float = 5.0,
         history: int = 100_000,
     ):
@@ -175,7 +175,9 @@ class StepEngine:
         self.hang_timeout = hang_timeout
         self.max_lag = max_lag
         self.hyper_len = hyper_len
-        self.poll_cap = poll_cap
+        # Waiting ranks poll the counter's host: at most every 0.5 ms, less often on large jobs so that the host
+        # serves about 500k polls per second at the most, whatever N.
+        self.poll_cap = poll_cap if poll_cap is not None else max(5e-4, 2e-6 * self.size)
         self.abort_grace = abort_grace
         self.clock = ClockSync(comm=comm)
         self.counter = ArrivalCounter(slots, comm=comm, root=0)

@@ -38,64 +38,6 @@ def _local_rank() -> int:
     return 0
 
 
-class _SyncOptimizer:
-    """``hvd.DistributedOptimizer`` (the plain synchronous baseline) behind the interface the loop uses."""
-
-    def __init__(self, hvd, opt, comm):
-        self.hvd, self.opt, self.comm = hvd, opt, comm
-        self.size, self.rank = comm.Get_size(), comm.Get_rank()
-        self.global_step = 0
-        self.param_groups = opt.param_groups
-        self._stop_wanted = False
-        self.stop_requested = False
-        self._records: list[StepRecord] = []
-        self.last_step: StepRecord | None = None
-        self._last = time.monotonic()
-
-    def zero_grad(self):
-        self.opt.zero_grad()
-
-    def step(self, loss=None):
-        t0 = time.monotonic()
-        self.opt.step()
-        now = time.monotonic()
-        everyone = tuple(range(self.size))
-        rec = StepRecord(self.global_step, self.size, self.size, everyone, "all", "included", now - t0, (), (),
-                         now - self._last, (None if loss is None else float(loss),) + (None,) * (self.size - 1))
-        self._last = now
-        self.global_step += 1
-        self._records.append(rec)
-        self.last_step = rec
-        if self.global_step % 10 == 0:  # agree on a stop request every few steps (one tiny allreduce)
-            flag = torch.tensor([1.0 if self._stop_wanted else 0.0])
-            self.stop_requested = bool(self.hvd.allreduce(flag, op=self.hvd.Max, name="hvd_backup.stop")[0] > 0)
-
-    def pop_records(self):
-        out, self._records = self._records, []
-        return out
-
-    def request_stop(self):
-        self._stop_wanted = True
-
-    def keep_snapshots(self, every):
-        pass
-
-    def parameters_at(self, step):
-        return None  # every rank is at every step: evaluate the live parameters
-
-    def state_dict(self):
-        return dict(self.opt.state_dict(), hvd_backup={"global_step": self.global_step})
-
-    def load_state_dict(self, state):
-        state = dict(state)
-        extra = state.pop("hvd_backup", {"global_step": 0})
-        self.opt.load_state_dict(state)
-        self.global_step = int(extra["global_step"])
-
-    def close(self):
-        pass
-
-
 class Trainer:
     """Built in two phases so every rank agrees on bad input before any collective: the constructor does only
     local work (data, model, schedule); :meth:`setup` makes the optimizer and restores a checkpoint."""
@@ -180,7 +122,9 @@ class Trainer:
             if self.snapshot_every:
                 self.opt.keep_snapshots(self.snapshot_every)
         elif cfg.mode == "sync":
-            self.opt = _SyncOptimizer(hvd, hvd.DistributedOptimizer(
+            from .baselines import SyncOptimizer
+
+            self.opt = SyncOptimizer(hvd, hvd.DistributedOptimizer(
                 base, named_parameters=self.model.named_parameters()), self.comm)
         else:
             from .async_sgd import AsyncOptimizer

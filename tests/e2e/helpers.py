@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from mpi_tools.launch import finish, rank_pids, run, start
+from mpi_tools.launch import run, start
 
 TRAIN = [sys.executable, "-m", "hvd_backup.train"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,6 +1,5 @@
 """The trainer end to end, on real ranks launched by mpirun."""
 
-import os
 
 import pytest
 import torch
@@ -68,3 +67,21 @@ def test_resume_with_b0_reaches_the_same_parameters(tmp_path):
     for name, value in whole["model"].items():
         torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0, msg=name)
     assert resumed["optimizer"]["hvd_backup"] == {"global_step": 12}
+
+
+def test_async_trains_digits_and_reports_staleness(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    proc = launch(4, ["--mode", "async", "--metrics", str(metrics), "--print-freq", "1000"])
+    assert proc.returncode == 0, proc.stdout
+    assert summary(metrics)["final_top1"] >= 0.95
+    staleness = [r["staleness"] for r in read_metrics(metrics) if r["type"] == "step"]
+    assert staleness and min(staleness) >= 0 and sum(staleness) / len(staleness) > 0.5  # others did write between
+
+
+def test_auto_backup_workers_from_the_command_line(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    proc = launch(4, ["--backup-workers", "auto", "--auto-every", "10", "--max-backup-workers", "1", "--steps", "40",
+                      "--straggler", "fixed:delay=0.1,rank=3", "--metrics", str(metrics)])
+    assert proc.returncode == 0, proc.stdout
+    quorum = [r["quorum"] for r in read_metrics(metrics) if r["type"] == "step"]
+    assert quorum[:10] == [4] * 10 and set(quorum[10:]) == {3}

@@ -7,10 +7,9 @@ import signal
 import statistics
 import time
 
-import pytest
 import torch
 
-from hvd_backup.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from hvd_backup.checkpoint import latest_checkpoint, load_checkpoint
 from mpi_tools.launch import finish, rank_pids
 from tests.e2e.helpers import background, last_step, launch, read_metrics, summary, wait_until
 
@@ -37,6 +36,8 @@ def test_more_than_b_slow_ranks_close_on_the_timeout(tmp_path):
     assert all(s["closed_by"] == "timeout" and s["count"] >= 2 for s in steps)
     assert statistics.median(s["step_s"] for s in steps) < 0.3  # closes on time, not when the slow ranks come
     assert summary(m)["final_top1"] >= 0.95
+    print(f"{len(steps)} steps closed on the timeout with {min(s['count'] for s in steps)}-"
+          f"{max(s['count'] for s in steps)} of 4 ranks; top-1 {summary(m)['final_top1']:.4f}")
 
 
 def test_a_10x_slower_rank_keeps_up_with_flat_memory(tmp_path):
@@ -74,7 +75,10 @@ def _hang_case(tmp_path, sig, options=()):
     os.kill(rank_pids(proc)[2], sig)
     struck = time.monotonic()
     code = finish(proc, 5 + 60)
-    return code, time.monotonic() - struck, (tmp_path / "log").read_text(), ck
+    took = time.monotonic() - struck
+    print(f"signal {sig!r} to rank 2 at step >= 15: the job exited with {code} after {took:.1f}s "
+          f"(hang_timeout=5s)")
+    return code, took, (tmp_path / "log").read_text(), ck
 
 
 def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_loads(tmp_path):
@@ -137,10 +141,12 @@ def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_soak_2000_steps_of_heavy_tailed_delays(tmp_path):
     m = tmp_path / "m.jsonl"
+    start = time.monotonic()
     proc = launch(NP, ["--backup-workers", "1", "--steps", "2000", "--straggler", "lognormal:median=0.002,sigma=1.5",
                        "--verify-every", "100", "--eval-every", "500", "--print-freq", "500", "--metrics", str(m)],
                   timeout=600)
     assert proc.returncode == 0, proc.stdout
+    print(f"soak: 2000 steps in {time.monotonic() - start:.0f}s, final top-1 {summary(m)['final_top1']:.4f}")
     records = read_metrics(m)
     steps = [r for r in records if r["type"] == "step"]
     assert [s["step"] for s in steps] == list(range(2000))

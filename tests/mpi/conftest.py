@@ -4,7 +4,6 @@ They also run alone (one rank); tests that need more ranks skip there.
 """
 
 import pytest
-import torch
 from mpi4py import MPI
 
 

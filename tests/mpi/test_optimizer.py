@@ -136,7 +136,7 @@ def test_auto_b_learns_to_drop_a_slow_rank_and_all_ranks_agree(comm, backend):
 
 def test_b0_is_plain_synchronous_sgd(comm, backend):
     """With b = 0 every rank is in every step and the update is the mean over all ranks."""
-    size, rank = comm.Get_size(), comm.Get_rank()
+    size = comm.Get_size()
     model = make_model()
     with make_opt(model, backend, backup_workers=0) as opt:
         mine = train_until(opt, model, 5)

@@ -2,7 +2,6 @@
 tiny jobs that really run the MPI job through srun and mpirun and write metrics, and preemption that
 checkpoints, requeues and resumes."""
 
-import json
 import os
 import re
 import subprocess
