@@ -109,13 +109,13 @@ def test_cifar10_template_runs_a_tiny_job(slurm, tmp_path):
 
 
 def test_bench_template_runs_a_tiny_job(slurm, tmp_path):
-    env = dict(ARCH="resnet18", IMAGE_SIZE="16", STEPS="4", BATCH_SIZE="2", BACKUPS="0 1", OUT=str(tmp_path / "out"),
+    env = dict(ARCH="resnet18", IMAGE_SIZE="16", STEPS="4", BATCH_SIZE="2", BACKUPS="1", OUT=str(tmp_path / "out"),
                STRAGGLER="fixed:delay=0.05,rank=1")
     proc = sbatch(slurm, tmp_path, "bench.sh", ["--nodes=1", "--ntasks-per-node=2", *TINY],
                   ["--num-classes", "4", "--synthetic-size", "64", "--workers", "0"], env=env)
     log = _job_log(tmp_path)
     assert proc.returncode == 0, proc.stderr + log
-    assert sorted(os.listdir(tmp_path / "out")) == ["backup-b0.jsonl", "backup-b1.jsonl", "sync.jsonl"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["backup-b1.jsonl", "sync.jsonl"]
     assert re.search(r"backup-b1\s+4\s", log), log  # the summary table
 
 
