@@ -124,7 +124,8 @@ class SyntheticImages(Dataset):
     """Random images whose class shifts the mean of one channel-and-quadrant: learnable, generated on the fly."""
 
     def __init__(self, size: int, image_size: int, num_classes: int, seed: int, channels: int = 3):
-        self.size, self.image_size, self.num_classes, self.seed, self.channels = size, image_size, num_classes, seed, channels
+        self.size, self.image_size, self.num_classes = size, image_size, num_classes
+        self.seed, self.channels = seed, channels
 
     def __len__(self):
         return self.size

@@ -37,7 +37,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from mpi4py import MPI
@@ -135,9 +135,7 @@ class _StepState:
     order: int | None = None  # this rank's arrival order, None if it did not arrive
     arrived_at: float = math.nan
     closed_seen_at: float = math.nan
-    closed: bool = False
     submission: _Submission | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class StepEngine:
@@ -217,10 +215,6 @@ class StepEngine:
         self._diagnosis = None
 
     # --- training-thread side ------------------------------------------------------------------------------
-
-    @property
-    def started(self) -> bool:
-        return self._thread is not None
 
     def start(self) -> None:
         """Start the communication thread and the watchdog (the rank takes part in steps from now on)."""
@@ -357,7 +351,6 @@ class StepEngine:
                 stopped_here = True
             word = ArrivalCounter.decode(self.counter.peek(t))
             if word.arrivals >= k or word.closes:
-                st.closed = True
                 st.closed_seen_at = self.clock.now()
                 return "closed"
             if word.stops == self.size:

@@ -318,8 +318,10 @@ class Trainer:
         metrics.write(dict(type="eval", step=g, time=wall, **result))
         self.save(g)
         mean_step = float(np.mean(step_times)) if step_times else 0.0
-        summary = dict(type="summary", mode=cfg.mode, size=self.size, backup_workers=cfg.backup_workers if cfg.mode == "backup" else 0, steps=g, wall_s=wall,
-                       mean_step_s=mean_step, dropped_counts=dropped_counts, **{f"final_{k}": v for k, v in result.items()})
+        summary = dict(type="summary", mode=cfg.mode, size=self.size,
+                       backup_workers=cfg.backup_workers if cfg.mode == "backup" else 0, steps=g, wall_s=wall,
+                       mean_step_s=mean_step, dropped_counts=dropped_counts,
+                       **{f"final_{k}": v for k, v in result.items()})
         metrics.write(summary)
         _print0(rank, f"done: {g} steps in {wall:.1f}s, {mean_step * 1e3:.1f} ms/step, top1 {result['top1']:.4f}, "
                       f"dropped per rank {dropped_counts}")

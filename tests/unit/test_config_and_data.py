@@ -50,7 +50,8 @@ def test_shards_cover_the_epoch_once_and_reshuffle():
 
 
 def test_a_data_set_smaller_than_one_batch_is_an_error():
-    with pytest.raises(DataError, match="the training set has 10 samples, 3 per rank on 4 ranks: fewer than one batch of --batch-size 8"):
+    message = "the training set has 10 samples, 3 per rank on 4 ranks: fewer than one batch of --batch-size 8"
+    with pytest.raises(DataError, match=message):
         ShardBatches(10, rank=0, size=4, batch_size=8, seed=0, epoch=0)
 
 
