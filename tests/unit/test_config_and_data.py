@@ -16,7 +16,7 @@ def test_defaults_train_digits():
 
 @pytest.mark.parametrize("argv,message", [
     (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
-    (["--backup-workers", "two"], "argument --backup-workers: invalid int value: 'two'"),
+    (["--backup-workers", "two"], "argument --backup-workers: invalid value 'two': an integer or 'auto'"),
     (["--backup-workers", "-1"], "--backup-workers -1: must be >= 0"),
     (["--straggler-timeout", "0"], "--straggler-timeout 0.0: must be seconds > 0"),
     (["--hang-timeout", "-5"], "--hang-timeout -5.0: must be seconds > 0"),
