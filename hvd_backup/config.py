@@ -56,6 +56,9 @@ class TrainConfig:
     weight_decay: float = _f("weight decay", "--wd", "--weight-decay", default=1e-4)
     label_smoothing: float = _f("label smoothing", "--label-smoothing", default=0.0)
     amp: bool = _f("bfloat16 autocast on GPU", "--amp", default=False)
+    channels_last: bool = _f("channels-last (NHWC) memory for the model and its inputs: faster convolutions on GPUs "
+                             "with --amp; not with --mode sync on Horovod, whose allreduce needs contiguous gradients",
+                             "--channels-last", default=False)
     seed: int = _f("seed of data order, initialisation and injected delays", "--seed", default=0)
     # distribution
     mode: str = _f("backup (this project's optimizer), sync (hvd.DistributedOptimizer) or async", "--mode",
@@ -135,6 +138,9 @@ class TrainConfig:
         need(not (self.checkpoint_every and not self.checkpoint_dir), "--checkpoint-every needs --checkpoint-dir")
         need(not (self.resume == "latest" and not self.checkpoint_dir),
              "--resume without a path needs --checkpoint-dir to find the latest checkpoint")
+        need(not (self.channels_last and self.mode == "sync" and self.backend == "horovod"),
+             "--channels-last: not with --mode sync on --backend horovod (hvd.DistributedOptimizer needs contiguous "
+             "gradients); use --mode backup --backup-workers 0 for plain synchronous SGD")
         if self.workers is None:
             self.workers = 0 if self.dataset in ("digits", "synthetic") else 4
 

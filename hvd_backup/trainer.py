@@ -66,7 +66,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial model on every rank (and broadcast from rank 0 anyway)
         self.model = build_model(self.arch, num_classes=self.split.num_classes, channels=self.split.channels)
         self.model.to(self.device)
-        if self.device.type == "cuda":
+        if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = self._sampler(0, 0).batches
         if cfg.mode == "async":  # a global step is one rank's update: N of them per synchronous step
@@ -137,7 +137,13 @@ class Trainer:
         elif cfg.resume:
             _print0(self.rank, f"no checkpoint in {cfg.checkpoint_dir}: starting from scratch")
         if hvd is not None:
-            hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+            # Horovod broadcasts contiguous tensors only (channels_last weights are not): stage those.
+            state = self.model.state_dict()
+            staged = {k: v if v.is_contiguous() else v.contiguous() for k, v in state.items()}
+            hvd.broadcast_parameters(staged, root_rank=0)
+            for k, v in state.items():
+                if staged[k] is not v:
+                    v.copy_(staged[k])
         else:
             import hvd_backup
 
@@ -280,7 +286,7 @@ class Trainer:
             self.injector.sleep(v, last_compute)
             tic = time.monotonic()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
+            if self.cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             opt.zero_grad()
             with self._autocast():

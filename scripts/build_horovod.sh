@@ -7,6 +7,7 @@
 # extension is compiled against the torch in the venv. Delete this script once a Horovod release supports
 # torch >= 2.1 and `pip install horovod` works again.
 #
+# HOROVOD_SDIST=path/to/horovod-0.28.1.tar.gz builds from that file instead of downloading it (offline nodes).
 # Environment: GPU=1 adds NCCL operations (NCCL from $HOROVOD_NCCL_HOME, else the nvidia-nccl wheel that
 # torch's CUDA build brings; needs nvcc, i.e. a CUDA toolkit or module). MAKEFLAGS defaults to -j$(nproc).
 set -euo pipefail
@@ -16,7 +17,11 @@ py="$venv/bin/python"
 work=$(mktemp -d "${TMPDIR:-/tmp}/horovod-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-"$py" -m pip download -q --no-deps --no-binary :all: "horovod==$version" -d "$work"
+if [ -n "${HOROVOD_SDIST:-}" ]; then
+  cp "$HOROVOD_SDIST" "$work/horovod-$version.tar.gz"
+else
+  "$py" -m pip download -q --no-deps --no-binary :all: "horovod==$version" -d "$work"
+fi
 tar -xzf "$work/horovod-$version.tar.gz" -C "$work"
 src="$work/horovod-$version"
 
@@ -33,6 +38,11 @@ fi
 export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
 export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
 export MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}
+# GCC >= 13 no longer includes <string> and <cstdint> through other standard headers; some of Horovod's do rely
+# on that (group_table.h first), so include both everywhere.
+export CXXFLAGS="${CXXFLAGS:-} -include string -include cstdint"
+# CMake >= 4 refuses the cmake_minimum_required(< 3.5) of Horovod's bundled Gloo unless told this.
+export CMAKE_POLICY_VERSION_MINIMUM=${CMAKE_POLICY_VERSION_MINIMUM:-3.5}
 # torch looks for CUDA beside `nvcc`; a wrapper script on PATH (as /usr/local/bin/nvcc here) hides the toolkit.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 if [ -n "${CUDA_HOME:-}" ]; then export HOROVOD_CUDA_HOME=${HOROVOD_CUDA_HOME:-$CUDA_HOME}; fi
@@ -46,7 +56,8 @@ if [ "${GPU:-0}" = 1 ]; then
       || { echo "build_horovod.sh: no NCCL: set HOROVOD_NCCL_HOME (e.g. your cluster's NCCL module)" >&2; exit 1; }
     mkdir -p "$work/nccl/lib"
     ln -s "$nccl/lib/libnccl.so.2" "$work/nccl/lib/libnccl.so"
-    export HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_NCCL_LIB="$work/nccl/lib"
+    # Link it shared, so the process holds one NCCL (torch's), not also a static one found elsewhere.
+    export HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_NCCL_LIB="$work/nccl/lib" HOROVOD_NCCL_LINK=SHARED
   fi
   echo "build_horovod.sh: GPU build with NCCL from ${HOROVOD_NCCL_HOME:-${HOROVOD_NCCL_INCLUDE%/include}}"
 fi

@@ -48,7 +48,7 @@ want_nccl=${GPU:-0}
 if ! "$py" -c 'import horovod.torch' >/dev/null 2>&1 \
    || { [ "$want_nccl" = 1 ] && ! "$venv/bin/horovodrun" --check-build | grep -q '\[X\] NCCL'; }; then
   say "building Horovod (a few minutes)"
-  "$py" -m pip install -q cloudpickle psutil pyyaml packaging cmake
+  "$py" -m pip install -q cffi cloudpickle psutil pyyaml packaging cmake
   GPU=$want_nccl bash "$here/scripts/build_horovod.sh" "$venv"
 fi
 
@@ -56,4 +56,4 @@ fi
 check=$("$venv/bin/horovodrun" --check-build)
 echo "$check" | grep -q '\[X\] PyTorch' || die "Horovod was built without PyTorch support: $check"
 echo "$check" | grep -q '\[X\] MPI' || die "Horovod was built without MPI support: $check"
-say "ready: $("$py" -c 'import torch, horovod, mpi4py; from mpi4py import MPI; print(f"torch {torch.__version__}, horovod {horovod.__version__}, mpi4py {mpi4py.__version__}, {MPI.Get_library_version().splitlines()[0]}")')"
+say "ready: $("$py" -c 'import torch, horovod, mpi4py; from mpi4py import MPI; print(f"torch {torch.__version__}, horovod {horovod.__version__}, mpi4py {mpi4py.__version__}, {MPI.Get_library_version().replace(chr(0), '').splitlines()[0]}")')"

@@ -24,6 +24,7 @@ def test_defaults_train_digits():
     (["--lr", "nan"], "--lr nan: must be > 0"),
     (["--min-workers", "0"], "--min-workers 0: must be >= 1"),
     (["--resume"], "--resume without a path needs --checkpoint-dir"),
+    (["--channels-last", "--mode", "sync"], "--channels-last: not with --mode sync on --backend horovod"),
     (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
 ])
 def test_bad_flags(argv, message):
