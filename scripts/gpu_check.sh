@@ -51,7 +51,7 @@ EOF
 echo "== machine"
 nvidia-smi -L
 "$py" -c "import torch, mpi4py; from mpi4py import MPI; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-torch.cuda.get_device_name(0)); print('mpi4py', mpi4py.__version__, MPI.Get_library_version().replace(chr(0), '').splitlines()[0])"
+torch.cuda.get_device_name(0)); print('mpi4py', mpi4py.__version__, MPI.Get_library_version().split(chr(0))[0].splitlines()[0])"
 
 if [ -z "${SKIP_MPI:-}" ]; then
 # One rank: the trainer on the GPU (bf16 autocast), this project's optimizer with b=0, no Horovod.

@@ -56,4 +56,4 @@ fi
 check=$("$venv/bin/horovodrun" --check-build)
 echo "$check" | grep -q '\[X\] PyTorch' || die "Horovod was built without PyTorch support: $check"
 echo "$check" | grep -q '\[X\] MPI' || die "Horovod was built without MPI support: $check"
-say "ready: $("$py" -c 'import torch, horovod, mpi4py; from mpi4py import MPI; print(f"torch {torch.__version__}, horovod {horovod.__version__}, mpi4py {mpi4py.__version__}, {MPI.Get_library_version().replace(chr(0), '').splitlines()[0]}")')"
+say "ready: $("$py" -c 'import torch, horovod, mpi4py; from mpi4py import MPI; print(f"torch {torch.__version__}, horovod {horovod.__version__}, mpi4py {mpi4py.__version__}, {MPI.Get_library_version().split(chr(0))[0].splitlines()[0]}")')"
