@@ -133,10 +133,10 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
         state = _job(slurm, job)
         ended = state[0] not in ("PENDING", "RUNNING", "CONFIGURING")
         if ended or time.monotonic() > deadline:
-            squeue = slurm.run(["scontrol", "show", "job", job]).stdout
+            details = slurm.run(["scontrol", "show", "job", job]).stdout
             logs = os.path.join(tmp_path, "logs")
             log = _job_log(tmp_path) if os.listdir(logs) else "(no job log yet)"
-            pytest.fail(f"no checkpoint before the preemption; job {state}:\n{squeue}\n{log}")
+            pytest.fail(f"no checkpoint before the preemption; job {state}:\n{details}\n{log}")
         time.sleep(0.2)
     # What --signal=B:USR1@T does before the time limit, now:
     signal = slurm.run(["scancel", "--signal=USR1", "--batch", job])
