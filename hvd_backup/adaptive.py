@@ -9,6 +9,8 @@ compute times, plus the fixed per-step cost measured in the same records.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
 __all__ = ["AutoBackup"]
@@ -20,6 +22,9 @@ class AutoBackup:
         self.size, self.every, self.b_min, self.b_max = size, every, b_min, b_max
         self.window = window or 2 * every
         self.rounds = rounds
+        # The steps it decides from, its own copy: users pop the engine's records whenever they like, at
+        # different times on different ranks, and a choice made from those would differ across ranks.
+        self.seen: collections.deque = collections.deque(maxlen=self.window)
 
     def decide(self, records, seed: int) -> int | None:
         """The b for the next steps, or ``None`` to keep the current one (too little data)."""

@@ -185,7 +185,8 @@ class StepEngine:
         self._snapshots: dict[int, list[torch.Tensor]] = {}
         self.stop_requested = False
         self._stop_wanted = False
-        self.records: collections.deque[StepRecord] = collections.deque(maxlen=history)
+        self.records: collections.deque[StepRecord] = collections.deque(maxlen=history)  # users pop these
+        self._last_record: StepRecord | None = None  # the latest applied step's (a catch-up's answer)
         self.auto = None  # an AutoBackup when backup_workers="auto"
         self._stale_compute: float | None = None
         self._last_duration = 0.0
@@ -325,9 +326,9 @@ class StepEngine:
         while True:
             with self._cond:
                 if self._rebase_to is not None:
-                    if self.records:
+                    if self._last_record is not None:
                         raise ProtocolError(f"rank {self.rank}: the global step was restored after step "
-                                            f"{self.records[-1].step} ran: other ranks started training first")
+                                            f"{self._last_record.step} ran: other ranks started training first")
                     self.step = self.version = self._rebase_to
                     self._rebase_to = None
                     self._cond.notify_all()
@@ -467,9 +468,12 @@ class StepEngine:
                 )
         if record.stop_requested:
             self.stop_requested = True
+        self._last_record = record
         self.records.append(record)
+        if self.auto is not None:
+            self.auto.seen.append(record)
         if self.auto is not None and (t + 1) % self.auto.every == 0:
-            b = self.auto.decide(self.records, seed=t)  # the same data and seed on every rank: the same b
+            b = self.auto.decide(self.auto.seen, seed=t)  # the same data and seed on every rank: the same b
             if b is not None:
                 self.quorum = self.size - b
         if pending is not None and pending.version == t:
@@ -512,7 +516,7 @@ class StepEngine:
         self.timings.add("catch_up", time.perf_counter() - tic)
         self._stale_compute = sub.compute_s
         self.version = self.consensus_version
-        last = self.records[-1] if self.records else None
+        last = self._last_record  # the step the consensus now holds (not self.records: the user pops those)
         if last is None:
             raise ProtocolError(f"catch-up at step {self.step} before any step completed")
         self._reply(sub, last, "caught_up")

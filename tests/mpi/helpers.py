@@ -24,8 +24,9 @@ def batch(step, rank, n=16):
     return torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
-def train_until(opt, model, steps, injector: StragglerInjector | None = None, barrier=None):
-    """The loop users write: run until the *global* step reaches ``steps``; return this rank's records."""
+def train_until(opt, model, steps, injector: StragglerInjector | None = None, barrier=None, popped=None):
+    """The loop users write: run until the *global* step reaches ``steps``; return this rank's records. With a
+    list ``popped``, pop the step records into it after every step, as the trainer does."""
     mine = []
     loss_fn = torch.nn.CrossEntropyLoss()
     while opt.global_step < steps:
@@ -39,6 +40,8 @@ def train_until(opt, model, steps, injector: StragglerInjector | None = None, ba
         loss_fn(model(x), y).backward()
         opt.step()
         mine.append((version, opt.last_step))
+        if popped is not None:
+            popped += opt.pop_records()
     return mine
 
 

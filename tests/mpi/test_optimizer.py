@@ -42,6 +42,35 @@ def test_a_rank_sleeping_2s_per_step_is_not_waited_for(comm, backend):
     assert_same_everywhere(comm, digest, "parameters and momentum")
 
 
+def test_popping_records_before_a_catch_up_is_safe(comm, backend):
+    """The trainer's loop: step(), then pop_records(), then the next gradient. A rank that is slow between
+    step() and pop_records() pops the records of steps it missed, then hands in a gradient that is already
+    stale: it still catches up (the catch-up must not depend on records the user has taken)."""
+    need_ranks(comm, 2)
+    size, rank = comm.Get_size(), comm.Get_rank()
+    slow = size - 1
+    model = make_model()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    popped, statuses = [], []
+    with make_opt(model, backend, backup_workers=1) as opt:
+        while opt.global_step < 40:
+            version = opt.global_step
+            x, y = batch(version, rank)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+            statuses.append(opt.last_step.status)
+            if rank == slow and version % 2:
+                time.sleep(0.1)  # the others take steps without this rank, then it pops their records
+            popped += opt.pop_records()
+        popped += opt.pop_records()
+        digest = state_digest(model, opt)
+    assert [r.step for r in popped] == list(range(len(popped))) and len(popped) >= 40
+    if rank == slow:
+        assert "caught_up" in statuses, statuses
+    assert_same_everywhere(comm, digest, "parameters and momentum")
+
+
 def test_1000_steps_of_random_delays_include_exactly_the_quorum(comm, backend):
     need_ranks(comm, 2)
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -125,13 +154,41 @@ def test_auto_b_learns_to_drop_a_slow_rank_and_all_ranks_agree(comm, backend):
     injector = StragglerInjector(f"fixed:delay=0.15,rank={size - 1}", rank=rank, size=size)
     model = make_model()
     with make_opt(model, backend, backup_workers="auto", auto_every=8, max_backup_workers=1) as opt:
-        train_until(opt, model, 24, injector)
-        records = opt.pop_records()
+        records = []  # popped after every step, as the trainer does: the choice must not depend on it
+        train_until(opt, model, 24, injector, popped=records)
+        records += opt.pop_records()
         b_now = opt.backup_workers
     assert [r.quorum for r in records[:8]] == [size] * 8  # starts synchronous
     assert all(r.quorum == size - 1 for r in records[8:]), [r.quorum for r in records]
     assert b_now == 1
     assert_same_everywhere(comm, [r.quorum for r in records], "the quorum of each step")
+
+
+def test_auto_b_decides_the_same_whoever_pops_the_records(comm, backend):
+    """Rank 0 pops the step records after every step, the others never do: the choice of b still rests on
+    the same window of steps everywhere. The last rank is slow in 6 of every 8 steps, so the window says b=1
+    while the latest step alone would say b=0."""
+    need_ranks(comm, 2)
+    size, rank = comm.Get_size(), comm.Get_rank()
+    model = make_model()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    popped = []
+    with make_opt(model, backend, backup_workers="auto", auto_every=8, max_backup_workers=1) as opt:
+        while opt.global_step < 8:
+            version = opt.global_step
+            if rank == size - 1 and version % 8 < 6:
+                time.sleep(0.1)
+            x, y = batch(version, rank)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+            if rank == 0:
+                popped += opt.pop_records()
+        b_now = opt.backup_workers
+        popped += opt.pop_records()
+    assert [r.step for r in popped] == list(range(len(popped)))
+    assert_same_everywhere(comm, b_now, "the chosen b")
+    assert b_now == 1
 
 
 def test_b0_is_plain_synchronous_sgd(comm, backend):

@@ -142,7 +142,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
     signal = slurm.run(["scancel", "--signal=USR1", "--batch", job])
     assert signal.returncode == 0, signal.stderr
     state = wait_job(slurm, job, 240)
-    assert state[0] == "COMPLETED", (state, _job_log(tmp_path))
+    assert state[0] == "COMPLETED", f"job {state}:\n{_job_log(tmp_path)}"  # a string: pytest shows all of it
     log = _job_log(tmp_path)
     assert state[1] >= 1, log
     assert "requeueing job" in log and re.search(r"stopped early at global step (\d+)", log), log
