@@ -26,6 +26,14 @@ class AutoBackup:
         # different times on different ranks, and a choice made from those would differ across ranks.
         self.seen: collections.deque = collections.deque(maxlen=self.window)
 
+    def observe(self, record) -> int | None:
+        """Add a completed step; every ``every`` steps, the b for the next ones (``None``: keep the current one).
+        Every rank observes the same records and seeds with the step: every rank gets the same b."""
+        self.seen.append(record)
+        if (record.step + 1) % self.every:
+            return None
+        return self.decide(self.seen, seed=record.step)
+
     def decide(self, records, seed: int) -> int | None:
         """The b for the next steps, or ``None`` to keep the current one (too little data)."""
         records = list(records)[-self.window:]

@@ -471,9 +471,7 @@ class StepEngine:
         self._last_record = record
         self.records.append(record)
         if self.auto is not None:
-            self.auto.seen.append(record)
-        if self.auto is not None and (t + 1) % self.auto.every == 0:
-            b = self.auto.decide(self.auto.seen, seed=t)  # the same data and seed on every rank: the same b
+            b = self.auto.observe(record)
             if b is not None:
                 self.quorum = self.size - b
         if pending is not None and pending.version == t:

@@ -70,3 +70,13 @@ def test_auto_b_drops_a_slow_rank_and_keeps_everyone_otherwise():
     assert auto.decide(slow, seed=1) == 1
     assert auto.decide(even, seed=1) == 0
     assert auto.decide(slow, seed=1) == auto.decide(slow, seed=1)  # every rank, same data, same answer
+
+
+def test_auto_b_decides_every_few_steps_from_its_own_window():
+    auto = AutoBackup(4, every=10, b_min=0, b_max=2)  # a window of 20 steps
+    fast = [_record(s, [0.02, 0.021, 0.019, 0.022], 4) for s in range(10)]
+    slow = [_record(s, [0.02, 0.021, 0.019, 0.3], 4) for s in range(10, 40)]
+    answers = [auto.observe(r) for r in fast + slow]
+    assert [s for s, b in enumerate(answers) if b is not None] == [9, 19, 29, 39]  # after steps 9, 19, ...
+    assert [answers[s] for s in (9, 19, 29, 39)] == [0, 1, 1, 1]
+    assert [r.step for r in auto.seen] == list(range(20, 40))
