@@ -57,10 +57,12 @@ def test_a_10x_slower_rank_keeps_up_with_flat_memory(tmp_path):
     assert finish(proc, 5) == 0, (tmp_path / "log").read_text()
     steps = steps_of(m)
     assert sum(3 in s["dropped"] for s in steps) >= 0.9 * len(steps)
-    # Memory of the slow rank: from a third of the run on (consensus copy made), it must not grow with its lag.
-    late = [rss[3] for step, rss in samples if step >= 40 and 3 in rss]
+    # Memory of the slow rank: from half the run on (consensus copy made), it must not grow with its lag. Up to
+    # the last step's record: then every rank runs the final evaluation, which takes memory of its own.
+    late = [rss[3] for step, rss in samples if 40 <= step < 79 and 3 in rss]
     assert len(late) >= 5, samples
-    print(f"rank 3 RSS from step 40: {late[0]:.0f} MB -> max {max(late):.0f} MB; rank 0 ends at {samples[-1][1][0]:.0f} MB")
+    print(f"rank 3 RSS in {len(late)} samples from step 40 to 78: {late[0]:.0f} MB -> max {max(late):.0f} MB; "
+          f"rank 0 ends at {samples[-1][1][0]:.0f} MB")
     assert max(late) - late[0] < 0.05 * late[0] + 20, late
 
 
