@@ -48,13 +48,16 @@ def _job(slurm, job):
     return field("JobState") or "GONE", int(field("Restarts") or 0), int(code.split(":")[0]) if code else None
 
 
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "GONE")
+
+
 def wait_job(slurm, job, timeout):
     """Poll until the job completed or failed; returns (state, restarts, exit code). (A requeued job waits
     for its old credential to expire first: the local cluster sets that to 10 s.)"""
     deadline = time.monotonic() + timeout
     while True:
         state, restarts, code = _job(slurm, job)
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "GONE"):
+        if state in FINAL_STATES:
             return state, restarts, code
         assert time.monotonic() < deadline, f"job {job} still {state} after {timeout}s"
         time.sleep(0.2)
@@ -131,8 +134,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
     deadline = time.monotonic() + 180
     while not latest_checkpoint(str(ck)):
         state = _job(slurm, job)
-        ended = state[0] not in ("PENDING", "RUNNING", "CONFIGURING")
-        if ended or time.monotonic() > deadline:
+        if state[0] in FINAL_STATES or time.monotonic() > deadline:
             details = slurm.run(["scontrol", "show", "job", job]).stdout
             logs = os.path.join(tmp_path, "logs")
             log = _job_log(tmp_path) if os.listdir(logs) else "(no job log yet)"
