@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml scripts/setup.sh scripts/build_horovod.sh
 	touch $@
 
 demo: setup
-	$(PY) -m hvd_backup.demo
+	$(PY) -m hvd_backup.train.demo
 
 test: setup test-unit test-mpi test-horovodrun test-train test-faults test-slurm
 

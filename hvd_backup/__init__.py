@@ -11,7 +11,11 @@ Distributed Synchronous SGD", 2016), decided by an MPI one-sided counter instead
                                           named_parameters=model.named_parameters(), backup_workers=1)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
-The protocol is in :mod:`hvd_backup.protocol`, the wrapper in :mod:`hvd_backup.optimizer`.
+The library is the wrapper (:mod:`hvd_backup.optimizer`), the per-step protocol it runs
+(:mod:`hvd_backup.protocol`), the tensors it moves (:mod:`hvd_backup.tensors`) and the allreduce underneath
+(:mod:`hvd_backup.backends`). Beside it: the training application (:mod:`hvd_backup.train`), the baselines it
+compares with (:mod:`hvd_backup.baselines`), the b-planner and simulations (:mod:`hvd_backup.planning`) and the
+benchmarks (:mod:`hvd_backup.bench`).
 """
 
 import importlib
@@ -19,10 +23,11 @@ import importlib
 from .errors import HangError, ProtocolError
 
 __version__ = "0.1.0"
-__all__ = ["DistributedOptimizer", "HangError", "ProtocolError", "StepRecord", "broadcast_parameters"]
+__all__ = ["ClosedBy", "DistributedOptimizer", "HangError", "ProtocolError", "Status", "StepRecord",
+           "broadcast_parameters"]
 
 # Imported on first use, so that the command line can reject bad flags before paying for importing torch.
-_LAZY = {"DistributedOptimizer": "optimizer", "StepRecord": "protocol"}
+_LAZY = {"DistributedOptimizer": "optimizer", "StepRecord": "records", "Status": "records", "ClosedBy": "records"}
 
 
 def __getattr__(name):

@@ -11,9 +11,12 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-__all__ = ["BACKENDS", "HorovodBackend", "MPIBackend", "make_backend"]
+from .settings import BACKENDS
 
-BACKENDS = ("horovod", "mpi")
+__all__ = ["BACKENDS", "MPI_TYPES", "HorovodBackend", "MPIBackend", "make_backend"]
+
+# The torch dtypes that mpi4py reduces, and their MPI datatypes.
+MPI_TYPES = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}
 
 
 class HorovodBackend:
@@ -45,6 +48,9 @@ class HorovodBackend:
         # Only after done() is true: hvd.synchronize spins on a CPU core while it waits.
         self.hvd.synchronize(handle)
 
+    def free(self) -> None:
+        pass  # Horovod's own state outlives the optimizer (hvd.shutdown() is the user's)
+
 
 class _MPIHandle:
     __slots__ = ("request", "tensor", "staged")
@@ -57,20 +63,19 @@ class MPIBackend:
     """``MPI_Iallreduce`` through mpi4py on a private duplicate of ``comm``; GPU tensors are staged on the host."""
 
     name = "mpi"
-    _TYPES = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}
 
     def __init__(self, comm: MPI.Intracomm | None = None):
         self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
 
     def start(self, tensor: torch.Tensor, name: str):
-        if tensor.dtype not in self._TYPES:
+        if tensor.dtype not in MPI_TYPES:
             raise TypeError(
                 f"hvd_backup: backend='mpi' reduces float32 or float64 tensors, got {tensor.dtype}; "
                 "use backend='horovod' for other types"
             )
         staged = tensor.cpu() if tensor.device.type != "cpu" else None
         host = staged if staged is not None else tensor
-        request = self.comm.Iallreduce(MPI.IN_PLACE, [host.numpy(), self._TYPES[tensor.dtype]], op=MPI.SUM)
+        request = self.comm.Iallreduce(MPI.IN_PLACE, [host.numpy(), MPI_TYPES[tensor.dtype]], op=MPI.SUM)
         return _MPIHandle(request, tensor, staged)
 
     def done(self, handle: _MPIHandle) -> bool:

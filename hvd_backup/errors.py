@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 import traceback
+from collections.abc import Callable
 
-__all__ = ["HangError", "ProtocolError", "UserError", "agree"]
+__all__ = ["HangError", "ProtocolError", "UserError", "agree", "report", "same_on_every_rank"]
 
 
 class UserError(ValueError):
@@ -36,3 +38,23 @@ def agree(comm, fn):
     if first is not None:
         raise UserError(first)
     return result
+
+
+def same_on_every_rank(comm, values: dict, label: Callable[[str], str]) -> None:
+    """Collective: raise ``ValueError`` on every rank if any rank's ``values`` differ from rank 0's, naming the
+    first such setting (``label(name)`` writes its name as the user did) and the rank."""
+    everyone = comm.allgather(values)
+    for rank, theirs in enumerate(everyone):
+        for key, value in theirs.items():
+            if value != everyone[0].get(key):
+                raise ValueError(f"{label(key)} differs across ranks: rank 0 has {everyone[0].get(key)!r}, "
+                                 f"rank {rank} has {value!r}")
+
+
+def report(exc: BaseException, rank: int) -> None:
+    """Print ``exc`` as this rank's one error line (``hvd_backup: rank R: ...``), once, however many places
+    (the protocol's thread, the training script's handler) see it."""
+    if getattr(exc, "_hvd_backup_reported", False):
+        return
+    print(f"hvd_backup: rank {rank}: {exc}", file=sys.stderr, flush=True)
+    exc._hvd_backup_reported = True

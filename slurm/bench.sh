@@ -26,4 +26,4 @@ hvd_backup_launch "${common[@]}" --mode sync --metrics "$OUT/sync.jsonl" "$@"
 for b in $BACKUPS; do
   hvd_backup_launch "${common[@]}" --mode backup --backup-workers "$b" --metrics "$OUT/backup-b$b.jsonl" "$@"
 done
-"$VENV/bin/python" -m hvd_backup.experiments.summarize "$OUT"/*.jsonl
+"$VENV/bin/python" -m hvd_backup.bench.summarize "$OUT"/*.jsonl

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import sys
@@ -10,6 +9,7 @@ import time
 
 import numpy as np
 
+from hvd_backup.train.metrics import of_type, read_metrics, summary_of
 from mpi_tools.launch import run, start
 
 TRAIN = [sys.executable, "-m", "hvd_backup.train"]
@@ -44,28 +44,12 @@ def wait_until(predicate, proc, timeout: float, what: str) -> None:
 
 def last_step(metrics_path) -> int:
     """The newest step record's step in a metrics file being written (-1 if none yet)."""
-    try:
-        with open(metrics_path) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return -1
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("type") == "step":
-            return record["step"]
-    return -1
-
-
-def read_metrics(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    steps = of_type(read_metrics(metrics_path, partial=True), "step")
+    return steps[-1]["step"] if steps else -1
 
 
 def summary(path) -> dict:
-    return next(r for r in read_metrics(path) if r["type"] == "summary")
+    return summary_of(read_metrics(path))
 
 
 def write_cifar10(root, *, per_batch: int = 16, test: int = 20, seed: int = 0) -> str:

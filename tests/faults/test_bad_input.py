@@ -13,7 +13,7 @@ NP = 2
 
 
 def _checkpoints(root):
-    from hvd_backup.checkpoint import save_checkpoint
+    from hvd_backup.train.checkpoint import save_checkpoint
 
     identity = {"arch": "digits_cnn", "dataset": "digits", "num_classes": 10}
     good = save_checkpoint({"model": {}, "optimizer": {}, "config": identity}, os.path.join(root, "good"), 4)
@@ -34,15 +34,15 @@ CASES = {
     "unknown-backend": (["--backend", "nccl"], "argument --backend: invalid choice: 'nccl'"),
     "missing-data-folder": (["--dataset", "imagenet", "--data", "{root}/nope"], "no such directory"),
     "empty-data-folder": (["--dataset", "imagenet", "--data", "{root}/empty"], "train/: Couldn't find any class folder"),
-    "b-negative": (["--backup-workers", "-1"], "--backup-workers -1: must be >= 0"),
+    "b-negative": (["--backup-workers", "-1"], "--backup-workers -1: must be an integer with 0 <= b, or 'auto'"),
     "b-not-a-number": (["--backup-workers", "two"], "argument --backup-workers: invalid value 'two': an integer or 'auto'"),
     "b-at-least-N": (["--backup-workers", str(NP)],
-                     f"--backup-workers {NP}: must be smaller than the number of ranks N={NP}"),
+                     f"--backup-workers {NP}: must be an integer with 0 <= b < N={NP}, or 'auto'"),
     "timeout-zero": (["--straggler-timeout", "0"], "--straggler-timeout 0.0: must be seconds > 0"),
     "timeout-not-a-number": (["--straggler-timeout", "soon"],
                              "argument --straggler-timeout: invalid float value: 'soon'"),
     "hang-timeout-negative": (["--hang-timeout", "-1"], "--hang-timeout -1.0: must be seconds > 0"),
-    "min-workers-above-quorum": (["--backup-workers", "1", "--min-workers", "2"], "--min-workers 2: must be <= N-b=1"),
+    "min-workers-above-quorum": (["--backup-workers", "1", "--min-workers", "2"], "--min-workers 2: must be an integer with 1 <= min_workers <= N-b=1"),
     "bad-straggler-spec": (["--straggler", "warp:x=1"], "--straggler: straggler spec 'warp:x=1': unknown kind 'warp'"),
     "straggler-rank-out-of-range": (["--straggler", "fixed:delay=1,rank=7"], "names rank 7, but there are only 2 ranks"),
     "smaller-than-one-batch": (["--dataset", "synthetic", "--synthetic-size", "10", "-b", "8", "--arch", "resnet18"],
@@ -54,12 +54,12 @@ CASES = {
     "missing-checkpoint": (["--resume", "{root}/nope.pt"], "no such checkpoint file"),
     # MPMD: rank 0 and rank 1 get different flags.
     "different-flags-per-rank": (["--backup-workers", "1", ":", "-np", "1", *TRAIN, "--backup-workers", "0"],
-                                 "flags differ across ranks: rank 0 has --backup-workers=1, rank 1 has 0"),
+                                 "--backup-workers differs across ranks: rank 0 has 1, rank 1 has 0"),
 }
 
 
 def _write_inputs(root):
-    from hvd_backup.checkpoint import save_checkpoint
+    from hvd_backup.train.checkpoint import save_checkpoint
 
     identity = {"arch": "digits_cnn", "dataset": "digits", "num_classes": 10}
     good = save_checkpoint({"model": {}, "optimizer": {}, "config": identity}, os.path.join(root, "good"), 4)

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from hvd_backup.checkpoint import latest_checkpoint, load_checkpoint
+from hvd_backup.train.checkpoint import latest_checkpoint, load_checkpoint
 from mpi_tools.launch import finish, rank_pids
 from tests.e2e.helpers import background, last_step, launch, read_metrics, summary, wait_until
 

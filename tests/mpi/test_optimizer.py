@@ -250,7 +250,7 @@ def test_resume_restores_the_global_step(comm, backend):
 BAD = [
     (dict(backup_workers=-1), "backup_workers=-1 must be an integer with 0 <= b < N"),
     (dict(backup_workers="N"), "backup_workers='N' must be an integer with 0 <= b < N=.*, or 'auto'"),
-    (dict(backup_workers="auto", max_backup_workers=-1), "max_backup_workers=-1 must be an integer"),
+    (dict(backup_workers="auto", max_backup_workers=-1), "max_backup_workers=-1 must be None or an integer"),
     (dict(backup_workers="auto", auto_every=0), "auto_every=0 must be an integer >= 1"),
     (dict(backup_workers=1.5), "backup_workers=1.5 must be an integer"),
     (dict(backup_workers="size"), "must be an integer with 0 <= b < N"),

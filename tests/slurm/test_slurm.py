@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from hvd_backup.checkpoint import latest_checkpoint
+from hvd_backup.train.checkpoint import latest_checkpoint
 from tests.e2e.helpers import ROOT, read_metrics, write_imagefolder
 from tests.slurm.cluster import LocalSlurm
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from hvd_backup.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from hvd_backup.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 IDENTITY = {"arch": "digits_cnn", "dataset": "digits", "num_classes": 10}
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from hvd_backup.config import ConfigError, parse_args
-from hvd_backup.data import DataError, ShardBatches, load_dataset
-from hvd_backup.metrics import format_step, parse_step_line
-from hvd_backup.models import ModelError, build_model
+from hvd_backup.train.config import ConfigError, parse_args
+from hvd_backup.train.data import DataError, ShardBatches, load_dataset
+from hvd_backup.train.metrics import format_step, parse_step_line
+from hvd_backup.train.models import ModelError, build_model
 
 
 def test_defaults_train_digits():
@@ -17,12 +17,12 @@ def test_defaults_train_digits():
 @pytest.mark.parametrize("argv,message", [
     (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
     (["--backup-workers", "two"], "argument --backup-workers: invalid value 'two': an integer or 'auto'"),
-    (["--backup-workers", "-1"], "--backup-workers -1: must be >= 0"),
+    (["--backup-workers", "-1"], "--backup-workers -1: must be an integer with 0 <= b, or 'auto'"),
     (["--straggler-timeout", "0"], "--straggler-timeout 0.0: must be seconds > 0"),
     (["--hang-timeout", "-5"], "--hang-timeout -5.0: must be seconds > 0"),
     (["-b", "0"], "--batch-size 0: must be >= 1"),
     (["--lr", "nan"], "--lr nan: must be > 0"),
-    (["--min-workers", "0"], "--min-workers 0: must be >= 1"),
+    (["--min-workers", "0"], "--min-workers 0: must be an integer with 1 <= min_workers"),
     (["--resume"], "--resume without a path needs --checkpoint-dir"),
     (["--channels-last", "--mode", "sync"], "--channels-last: not with --mode sync on --backend horovod"),
     (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),

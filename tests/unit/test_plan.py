@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from hvd_backup.adaptive import AutoBackup
-from hvd_backup.experiments.simulate import simulate
-from hvd_backup.plan import Workload, allreduce_seconds, main, parse_bandwidth, predict
-from hvd_backup.protocol import StepRecord
+from hvd_backup.planning.plan import Workload, allreduce_seconds, main, parse_bandwidth, predict
+from hvd_backup.planning.simulate import simulate
+from hvd_backup.protocol.adaptive import AutoBackup
+from hvd_backup.records import StepRecord
 
 
 def test_simulation_waits_for_the_slowest_only_without_backup_workers():

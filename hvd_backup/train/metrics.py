@@ -1,5 +1,6 @@
-"""What a run reports: one fixed-format line per step (for people and scripts), a JSON-lines metrics file,
-and the torchvision-reference meters."""
+"""What a run reports: one fixed-format line per step (for people and scripts), a JSON-lines metrics file
+(written by rank 0, read back by the demo, the planner, the benchmarks and the tests), and the
+torchvision-reference meters."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import math
 import os
 
-__all__ = ["AverageMeter", "MetricsFile", "format_step", "parse_step_line"]
+__all__ = ["AverageMeter", "MetricsFile", "format_step", "of_type", "parse_step_line", "read_metrics", "summary_of"]
 
 STEP_LINE = ("step {step:>7d} | loss {loss:8.4f} | lr {lr:9.3e} | in {count:>3d}/{size:<3d} | dropped {dropped:<12s} "
              "| step {step_ms:8.1f} ms | wait {wait_ms:8.1f} ms")
@@ -49,6 +50,39 @@ class MetricsFile:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+def read_metrics(path: str, *, partial: bool = False) -> list[dict]:
+    """Every record of a metrics file, in order. ``partial``: the file of a run still writing it (a line cut
+    short is skipped; a missing file has no records)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        if partial:
+            return []
+        raise
+    records = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not partial:
+                raise
+    return records
+
+
+def of_type(records: list[dict], kind: str) -> list[dict]:
+    """The records of one ``type``: ``step``, ``eval``, ``verify`` or ``summary``."""
+    return [r for r in records if r.get("type") == kind]
+
+
+def summary_of(records: list[dict]) -> dict:
+    """The run's summary record (written at the end of a run), or ``{}``."""
+    found = of_type(records, "summary")
+    return found[-1] if found else {}
 
 
 class AverageMeter:

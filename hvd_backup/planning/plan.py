@@ -3,7 +3,7 @@
     hvd-backup-plan --trace logs/run.jsonl --ranks 8,64,1024,10000 --params 25.6M --bandwidth 12.5GB/s
     hvd-backup-plan --compute 0.25 --straggler 'lognormal:median=0.02,sigma=1' --ranks 64,1024 --batch 64
 
-For every N and candidate b it simulates the protocol (:mod:`hvd_backup.experiments.simulate`) with per-rank
+For every N and candidate b it simulates the protocol (:mod:`hvd_backup.planning.simulate`) with per-rank
 work drawn from the trace's measured compute times (or from ``--compute`` plus the ``--straggler`` spec),
 adds the per-step communication (a ring or tree allreduce of the model: bandwidth and latency terms), the
 counter's serialized atomics, and the fixed per-step cost measured in the trace, and prints the expected step
@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from .experiments.simulate import simulate
+from .simulate import simulate
 
 __all__ = ["Workload", "allreduce_seconds", "choose_b", "predict", "main"]
 
@@ -67,8 +67,9 @@ class Workload:
     @classmethod
     def from_trace(cls, path: str) -> tuple["Workload", dict]:
         """Per-rank compute times and the fixed per-step cost from a trainer metrics file (--metrics)."""
-        with open(path) as f:
-            steps = [r for r in (json.loads(line) for line in f if line.strip()) if r.get("type") == "step"]
+        from ..train.metrics import of_type, read_metrics
+
+        steps = of_type(read_metrics(path), "step")
         if not steps or "compute_s" not in steps[0] or not steps[0]["compute_s"]:
             raise ValueError(f"--trace {path}: no per-rank compute times (record it with --mode backup --metrics)")
         n = steps[0]["size"]

@@ -1,7 +1,7 @@
 """Time to accuracy: plain sync, backup workers (b = 1, 2) and async SGD, on digits and on a harder synthetic
 image task, several seeds, each a real ``hvd-backup-train`` job with the same injected heavy-tailed delays.
 
-    python -m hvd_backup.experiments.accuracy --out accuracy.json [--quick]
+    python -m hvd_backup.bench.accuracy --out accuracy.json [--quick]
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import tempfile
 
 from mpi_tools.launch import run
 
+from ..train.metrics import of_type, read_metrics, summary_of
+
 NP = 4
 STRAGGLER = "lognormal:median=0.02,sigma=1"
 TASKS = {
     "digits": (["--dataset", "digits", "--epochs", "15"], 15),
-    # Harder: a faint class signal under unit noise (hvd_backup.data.SyntheticImages), 3 channels of 8 x 8.
+    # Harder: a faint class signal under unit noise (hvd_backup.train.data.SyntheticImages), 3 channels of 8 x 8.
     "synthetic": (["--dataset", "synthetic", "--image-size", "8", "--num-classes", "10", "--synthetic-size", "4096",
                    "--arch", "digits_cnn", "-b", "32", "--epochs", "10", "--lr", "0.2"], 32),
 }
@@ -31,11 +33,10 @@ MODES = {
 
 
 def curve(path: str) -> dict:
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    evals = [r for r in records if r["type"] == "eval"]
-    summary = next(r for r in records if r["type"] == "summary")
-    staleness = [r["staleness"] for r in records if r["type"] == "step" and "staleness" in r]
+    records = read_metrics(path)
+    evals = of_type(records, "eval")
+    summary = summary_of(records)
+    staleness = [r["staleness"] for r in of_type(records, "step") if "staleness" in r]
     return {"step": [e["step"] for e in evals], "time": [e["time"] for e in evals], "top1": [e["top1"] for e in evals],
             "final_top1": summary["final_top1"], "wall_s": summary["wall_s"], "steps": summary["steps"],
             "mean_staleness": sum(staleness) / len(staleness) if staleness else None}

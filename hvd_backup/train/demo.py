@@ -1,31 +1,31 @@
 """`make demo`: 4 ranks on digits with one slow rank, trained with backup workers (b=1) and with plain
 synchronous SGD, then the comparison a user wants to see.
 
-    python -m hvd_backup.demo [--np 4] [--delay 0.15] [--slow-rank 3]
+    python -m hvd_backup.train.demo [--np 4] [--delay 0.15] [--slow-rank 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 
 from mpi_tools.launch import run
 
+from .metrics import of_type, read_metrics, summary_of
+
 
 def _summary(path: str) -> dict:
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    summary = next(r for r in records if r["type"] == "summary")
-    steps = [r for r in records if r["type"] == "step"]
+    records = read_metrics(path)
+    summary = dict(summary_of(records))
+    steps = of_type(records, "step")
     summary["median_step_s"] = sorted(r["step_s"] for r in steps)[len(steps) // 2] if steps else float("nan")
     return summary
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hvd_backup.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hvd_backup.train.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--np", type=int, default=4, help="ranks")
     parser.add_argument("--delay", type=float, default=0.15, help="seconds the slow rank sleeps every step")
     parser.add_argument("--slow-rank", type=int, default=3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import signal
@@ -11,24 +10,19 @@ import time
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
+from ..errors import agree
+from ..records import StepRecord
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import ShardBatches, eval_loader, load_dataset, shard_loader
-from .errors import ProtocolError, UserError, agree
+from .console import EXIT_OK, EXIT_PREEMPTED, print0
+from .data import ShardBatches, load_dataset, shard_loader
+from .evaluation import Evaluator, eval_line, verify
 from .metrics import MetricsFile, format_step
 from .models import build_model, default_arch, model_names
-from .protocol import StepRecord
+from .optimizers import broadcast_initial, make_optimizer, start_horovod
 
 __all__ = ["Trainer"]
-
-EXIT_OK, EXIT_PREEMPTED = 0, 3
-
-
-def _print0(rank, *args, **kw):
-    if rank == 0:
-        print(*args, **kw, flush=True)
 
 
 def _local_rank() -> int:
@@ -48,7 +42,6 @@ class Trainer:
         if cfg.arch == "list":
             self.arch = "list"
             return
-        self.needs_hvd = cfg.mode == "sync" or (cfg.mode == "backup" and cfg.backend == "horovod")
         self.device = torch.device(f"cuda:{_local_rank() % torch.cuda.device_count()}") \
             if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
@@ -80,7 +73,8 @@ class Trainer:
             self.resume_path = ckpt.latest_checkpoint(cfg.checkpoint_dir) if cfg.resume == "latest" else cfg.resume
             if self.resume_path is not None:
                 self.resume_state = ckpt.load_checkpoint(self.resume_path, expect=self._identity())
-        self._eval_model = None
+        self.evaluate = Evaluator(self.model, self.split.test, comm, batch_size=max(64, cfg.batch_size),
+                                  workers=cfg.workers, num_classes=self.split.num_classes, autocast=self._autocast)
         # Evaluations and consistency checks look at the parameters of an exact global step on every rank.
         periods = [p for p in (cfg.eval_every, cfg.verify_every) if p]
         self.snapshot_every = math.gcd(*periods) if periods else 0
@@ -101,53 +95,17 @@ class Trainer:
 
     def setup(self) -> None:
         """Collective: Horovod, the distributed optimizer, resume, broadcast of the initial parameters."""
-        cfg = self.cfg
-        hvd = None
-        if self.needs_hvd:
-            try:
-                import horovod.torch as hvd
-            except ImportError:
-                raise UserError("Horovod is not installed here: run `make setup`, or use --backend mpi") from None
-            hvd.init(comm=self.comm)
-        base = torch.optim.SGD(self.model.parameters(), lr=self.peak_lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-        if cfg.mode == "backup":
-            import hvd_backup
-
-            self.opt = hvd_backup.DistributedOptimizer(
-                base, self.model.named_parameters(), backup_workers=cfg.backup_workers,
-                auto_every=cfg.auto_every, max_backup_workers=cfg.max_backup_workers,
-                straggler_timeout=cfg.straggler_timeout,
-                min_workers=cfg.min_workers, hang_timeout=cfg.hang_timeout, max_lag=cfg.max_lag, backend=cfg.backend)
-            if self.snapshot_every:
-                self.opt.keep_snapshots(self.snapshot_every)
-        elif cfg.mode == "sync":
-            from .baselines import SyncOptimizer
-
-            self.opt = SyncOptimizer(hvd, hvd.DistributedOptimizer(
-                base, named_parameters=self.model.named_parameters()), self.comm)
-        else:
-            from .async_sgd import AsyncOptimizer
-
-            self.opt = AsyncOptimizer(base, comm=self.comm)
+        hvd = start_horovod(self.cfg, self.comm)
+        self.opt = make_optimizer(self.cfg, self.model, self.comm, hvd, lr=self.peak_lr)
+        if self.cfg.mode == "backup" and self.snapshot_every:
+            self.opt.keep_snapshots(self.snapshot_every)
         if self.resume_path is not None:
             self.model.load_state_dict(self.resume_state["model"])
             self.opt.load_state_dict(self.resume_state["optimizer"])
-            _print0(self.rank, f"resumed from {self.resume_path} at global step {self.opt.global_step}")
-        elif cfg.resume:
-            _print0(self.rank, f"no checkpoint in {cfg.checkpoint_dir}: starting from scratch")
-        if hvd is not None:
-            # Horovod broadcasts contiguous tensors only (channels_last weights are not): stage those.
-            state = self.model.state_dict()
-            staged = {k: v if v.is_contiguous() else v.contiguous() for k, v in state.items()}
-            hvd.broadcast_parameters(staged, root_rank=0)
-            for k, v in state.items():
-                if staged[k] is not v:
-                    v.copy_(staged[k])
-        else:
-            import hvd_backup
-
-            hvd_backup.broadcast_parameters(self.model.state_dict(), root_rank=0, comm=self.comm)
+            print0(self.rank, f"resumed from {self.resume_path} at global step {self.opt.global_step}")
+        elif self.cfg.resume:
+            print0(self.rank, f"no checkpoint in {self.cfg.checkpoint_dir}: starting from scratch")
+        broadcast_initial(self.model, self.comm, hvd)
 
     # --- schedule ----------------------------------------------------------------------------------------------
 
@@ -163,47 +121,8 @@ class Trainer:
 
     # --- evaluation --------------------------------------------------------------------------------------------
 
-    def evaluate(self, params=None) -> dict:
-        """Top-1/top-5 and loss over the whole test set, shared across ranks (collective)."""
-        model = self.model
-        if params is not None:
-            if self._eval_model is None:
-                self._eval_model = copy.deepcopy(self.model)
-            model = self._eval_model
-            model.load_state_dict(self.model.state_dict())
-            with torch.no_grad():
-                for p, value in zip(model.parameters(), params):
-                    p.copy_(value)
-        loader = eval_loader(self.split.test, rank=self.rank, size=self.size, batch_size=max(64, self.cfg.batch_size),
-                             workers=self.cfg.workers, pin_memory=self.device.type == "cuda")
-        sums = np.zeros(4)  # top-1 hits, top-5 hits, loss sum, samples
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), self._autocast():
-            for x, y in loader:
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                out = model(x)
-                top = out.topk(min(5, out.shape[1]), dim=1).indices
-                sums += [float((top[:, 0] == y).sum()), float((top == y[:, None]).any(1).sum()),
-                         float(torch.nn.functional.cross_entropy(out.float(), y, reduction="sum")), len(y)]
-        model.train(was_training)
-        self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
-        n = max(1.0, sums[3])
-        return {"top1": sums[0] / n, "top5": sums[1] / n if self.split.num_classes > 5 else None,
-                "loss": sums[2] / n, "samples": int(sums[3])}
-
     def verify(self, step: int, params=None) -> dict:
-        """Collective: check that every rank holds bit-identical parameters at global ``step``."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for p in params if params is not None else self.model.parameters():
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        digests = self.comm.allgather(h.hexdigest())
-        differ = [r for r, d in enumerate(digests) if d != digests[0]]
-        if differ:
-            raise ProtocolError(f"step {step}: parameters of ranks {differ} differ from rank 0's")
-        return {"ok": True, "digest": digests[0][:16]}
+        return verify(self.comm, step, params if params is not None else self.model.parameters())
 
     def _autocast(self):
         if self.cfg.amp and self.device.type == "cuda":
@@ -226,24 +145,20 @@ class Trainer:
     def run(self) -> int:
         cfg, rank = self.cfg, self.rank
         if self.arch == "list":
-            _print0(rank, "\n".join(model_names()))
+            print0(rank, "\n".join(model_names()))
             return EXIT_OK
         agree(self.comm, self.setup)
         metrics = MetricsFile(cfg.metrics if rank == 0 else None)
         try:
             if cfg.evaluate:
                 result = self.evaluate()
-                _print0(rank, self._eval_line(self.opt.global_step, result))
+                print0(rank, eval_line(self.opt.global_step, result))
                 metrics.write(dict(type="eval", step=self.opt.global_step, **result))
                 return EXIT_OK
             return self._train(metrics)
         finally:
             metrics.close()
             self.opt.close()
-
-    def _eval_line(self, step, r) -> str:
-        top5 = "" if r["top5"] is None else f" top5 {r['top5']:.4f}"
-        return f"eval step {step:>7d} | top1 {r['top1']:.4f}{top5} | loss {r['loss']:.4f} | {r['samples']} samples"
 
     def _train(self, metrics: MetricsFile) -> int:
         cfg, rank, opt, model = self.cfg, self.rank, self.opt, self.model
@@ -264,7 +179,7 @@ class Trainer:
         last_compute = 0.0  # seconds of the previous forward and backward (for --straggler slow:factor=F)
         step_times: list[float] = []
         start = time.monotonic()
-        _print0(rank, f"training {self.arch} on {cfg.dataset}: {self.size} ranks, mode {cfg.mode}, b={self.b}, "
+        print0(rank, f"training {self.arch} on {cfg.dataset}: {self.size} ranks, mode {cfg.mode}, b={self.b}, "
                       f"{self.total} steps ({spe} per epoch), effective batch {self.effective_batch}, "
                       f"peak lr {self.peak_lr:.4g}")
         model.train()
@@ -304,7 +219,7 @@ class Trainer:
                 params = opt.parameters_at(s) if self.snapshot_every and s % self.snapshot_every == 0 else None
                 if cfg.eval_every and s % cfg.eval_every == 0 and s < self.total:
                     result = self.evaluate(params)
-                    _print0(rank, self._eval_line(s, result))
+                    print0(rank, eval_line(s, result))
                     metrics.write(dict(type="eval", step=s, time=time.monotonic() - start, **result))
                 if cfg.verify_every and s % cfg.verify_every == 0 and s < self.total:
                     metrics.write(dict(type="verify", step=s, **self.verify(s, params)))
@@ -314,13 +229,13 @@ class Trainer:
             bar.close()
         if opt.stop_requested and g < self.total:
             self.save(g)
-            _print0(rank, f"stopped early at global step {g} on request (SIGUSR1); resume with --resume")
+            print0(rank, f"stopped early at global step {g} on request (SIGUSR1); resume with --resume")
             return EXIT_PREEMPTED
         result = self.evaluate()
         wall = time.monotonic() - start
         if cfg.verify_every:
             metrics.write(dict(type="verify", step=g, **self.verify(g)))
-        _print0(rank, self._eval_line(g, result))
+        print0(rank, eval_line(g, result))
         metrics.write(dict(type="eval", step=g, time=wall, **result))
         self.save(g)
         mean_step = float(np.mean(step_times)) if step_times else 0.0
@@ -329,7 +244,7 @@ class Trainer:
                        mean_step_s=mean_step, dropped_counts=dropped_counts,
                        **{f"final_{k}": v for k, v in result.items()})
         metrics.write(summary)
-        _print0(rank, f"done: {g} steps in {wall:.1f}s, {mean_step * 1e3:.1f} ms/step, top1 {result['top1']:.4f}, "
+        print0(rank, f"done: {g} steps in {wall:.1f}s, {mean_step * 1e3:.1f} ms/step, top1 {result['top1']:.4f}, "
                       f"dropped per rank {dropped_counts}")
         return EXIT_OK
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
+from .catalog import default_arch
 
 __all__ = ["ModelError", "build_model", "default_arch", "model_names"]
 
@@ -13,10 +14,6 @@ _OWN = ("digits_cnn", "cifar_resnet18")
 
 class ModelError(UserError):
     """An unknown model name."""
-
-
-def default_arch(dataset: str) -> str:
-    return {"digits": "digits_cnn", "cifar10": "cifar_resnet18", "imagenet": "resnet50"}.get(dataset, "resnet18")
 
 
 def model_names() -> list[str]:

@@ -9,11 +9,11 @@ import math
 from dataclasses import dataclass, field
 
 
-from .errors import UserError
+from .. import settings as rules
+from ..errors import UserError
+from .catalog import DATASETS, default_epochs, default_lr, default_warmup
 
-__all__ = ["ConfigError", "DATASETS", "TrainConfig", "parse_args"]
-
-DATASETS = ("digits", "cifar10", "imagenet", "synthetic")
+__all__ = ["ConfigError", "TrainConfig", "parse_args"]
 
 
 class ConfigError(UserError):
@@ -108,11 +108,11 @@ class TrainConfig:
         need(self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0")
         need(self.workers is None or self.workers >= 0, f"--workers {self.workers}: must be >= 0")
         if self.epochs is None:
-            self.epochs = {"digits": 15.0, "cifar10": 30.0, "imagenet": 90.0}.get(self.dataset, 1.0)
+            self.epochs = default_epochs(self.dataset)
         if self.lr is None:
-            self.lr = 0.2 if self.dataset == "digits" else 0.1
+            self.lr = default_lr(self.dataset)
         if self.warmup_steps is None:
-            self.warmup_steps = 10 if self.dataset == "digits" else 0
+            self.warmup_steps = default_warmup(self.dataset)
         need(math.isfinite(self.epochs) and self.epochs > 0, f"--epochs {self.epochs}: must be > 0")
         need(self.steps is None or self.steps >= 1, f"--steps {self.steps}: must be >= 1")
         need(math.isfinite(self.lr) and self.lr > 0, f"--lr {self.lr}: must be > 0")
@@ -124,17 +124,7 @@ class TrainConfig:
             self.step_epochs = [float(x) for x in self.lr_step_epochs.split(",") if x.strip()]
         except ValueError:
             raise ConfigError(f"--lr-step-epochs {self.lr_step_epochs!r}: must be numbers separated by commas") from None
-        need(self.backup_workers == "auto" or self.backup_workers >= 0,
-             f"--backup-workers {self.backup_workers}: must be >= 0")
-        need(self.auto_every >= 1, f"--auto-every {self.auto_every}: must be >= 1")
-        need(self.max_backup_workers is None or self.max_backup_workers >= 0,
-             f"--max-backup-workers {self.max_backup_workers}: must be >= 0")
-        need(self.straggler_timeout is None or (math.isfinite(self.straggler_timeout) and self.straggler_timeout > 0),
-             f"--straggler-timeout {self.straggler_timeout}: must be seconds > 0")
-        need(math.isfinite(self.hang_timeout) and self.hang_timeout > 0,
-             f"--hang-timeout {self.hang_timeout}: must be seconds > 0")
-        need(self.min_workers is None or self.min_workers >= 1, f"--min-workers {self.min_workers}: must be >= 1")
-        need(self.max_lag is None or self.max_lag >= 1, f"--max-lag {self.max_lag}: must be >= 1")
+        self._check_optimizer_settings(size=None)
         need(not (self.checkpoint_every and not self.checkpoint_dir), "--checkpoint-every needs --checkpoint-dir")
         need(not (self.resume == "latest" and not self.checkpoint_dir),
              "--resume without a path needs --checkpoint-dir to find the latest checkpoint")
@@ -144,19 +134,23 @@ class TrainConfig:
         if self.workers is None:
             self.workers = 0 if self.dataset in ("digits", "synthetic") else 4
 
+    def _check_optimizer_settings(self, size: int | None) -> None:
+        """The optimizer's own rules (:mod:`hvd_backup.settings`), spelled as flags."""
+        values = {name: getattr(self, name) for name in OPTIMIZER_SETTINGS}
+        if self.mode != "backup":
+            values.pop("backup_workers")
+            values.pop("min_workers")
+        try:
+            rules.check(values, size=size, spell=lambda name, value: f"--{name.replace('_', '-')} {value}:",
+                        optional="")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
     def check_world(self, size: int) -> None:
         """Checks that need the number of ranks (and nothing heavier: no torch, no data)."""
         from mpi_tools.straggler import StragglerInjector
 
-        b = self.backup_workers if self.mode == "backup" else 0
-        if b == "auto":
-            b = max(1, size // 4) if self.max_backup_workers is None else self.max_backup_workers
-            if b >= size:
-                raise ConfigError(f"--max-backup-workers {b}: must be smaller than the number of ranks N={size}")
-        if self.mode == "backup" and b >= size:
-            raise ConfigError(f"--backup-workers {b}: must be smaller than the number of ranks N={size}")
-        if self.mode == "backup" and self.min_workers is not None and self.min_workers > size - b:
-            raise ConfigError(f"--min-workers {self.min_workers}: must be <= N-b={size - b}")
+        self._check_optimizer_settings(size=size)
         try:
             StragglerInjector(self.straggler, rank=0, size=size, seed=self.seed)
         except ValueError as exc:
@@ -164,6 +158,10 @@ class TrainConfig:
 
     def public(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+OPTIMIZER_SETTINGS = ("backup_workers", "auto_every", "max_backup_workers", "straggler_timeout", "min_workers",
+                      "hang_timeout", "max_lag")
 
 
 def _int_or_auto(text: str):

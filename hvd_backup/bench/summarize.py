@@ -1,22 +1,22 @@
 """Summarise trainer metrics files side by side: step time, throughput, who was dropped, final accuracy.
 
-    python -m hvd_backup.experiments.summarize logs/bench-123/*.jsonl
+    python -m hvd_backup.bench.summarize logs/bench-123/*.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 
+from ..train.metrics import of_type, read_metrics, summary_of
+
 
 def summarize(path: str) -> dict:
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    steps = [r for r in records if r["type"] == "step"]
-    summary = next((r for r in records if r["type"] == "summary"), {})
+    records = read_metrics(path)
+    steps = of_type(records, "step")
+    summary = summary_of(records)
     times = sorted(r["step_s"] for r in steps[len(steps) // 10:])  # skip the warm-up tenth
     return {
         "run": os.path.splitext(os.path.basename(path))[0],

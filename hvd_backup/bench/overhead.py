@@ -6,7 +6,7 @@
     this protocol fed with the same delays and the compute times measured in the run), and plain sync against it;
 (c) latency of one fetch-and-op on the counter, and of a straggler learning that its step closed.
 
-    mpirun -np 4 python -m hvd_backup.experiments.overhead --out overhead.json
+    mpirun -np 4 python -m hvd_backup.bench.overhead --out overhead.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from mpi4py import MPI
 import hvd_backup
 from mpi_tools import ArrivalCounter, StragglerInjector
 
-from .simulate import simulate
+from ..planning.simulate import simulate
+from .common import start_horovod_job, time_one_rank
 
 SIZES = {"1M": (784, [1024, 256]), "10M": (1024, [2048, 2048, 2048])}
 SPECS = ["fixed:delay=0.1,rank=3", "exp:mean=0.02", "lognormal:median=0.01,sigma=1"]
@@ -167,23 +168,10 @@ def part_b(hvd, steps: int) -> dict:
 def part_c(ops: int = 2000) -> dict:
     """One rank times ``ops`` counter operations on the host's window while the others keep MPI progressing."""
     comm = MPI.COMM_WORLD
-    last = comm.Get_size() - 1
     out = {}
     with ArrivalCounter(comm=comm) as counter:
         for name, op in (("peek", counter.peek), ("arrive", counter.arrive)):
-            comm.Barrier()
-            samples = []
-            if comm.Get_rank() == last:
-                for i in range(ops):
-                    tic = time.perf_counter()
-                    op(i)
-                    samples.append(time.perf_counter() - tic)
-                comm.Ibarrier().Wait()
-            else:
-                done = comm.Ibarrier()
-                while not done.Test():
-                    counter.progress()
-            samples = comm.bcast(samples, root=last)
+            samples = time_one_rank(counter, comm, op, ops)
             out[name] = {"median_us": 1e6 * statistics.median(samples),
                          "p99_us": 1e6 * float(np.percentile(samples, 99))}
     return out
@@ -196,10 +184,7 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default="abc")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    import horovod.torch as hvd
-
-    hvd.init(comm=MPI.COMM_WORLD)
+    hvd = start_horovod_job()
     comm = MPI.COMM_WORLD
     result = {"ranks": comm.Get_size()}
     if "c" in args.parts:

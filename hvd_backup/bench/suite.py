@@ -39,26 +39,31 @@ def _job(np_: int, module: str, args: list[str], *, shm: bool = True, timeout: f
 def overhead(out: str, quick: bool) -> dict:
     path = os.path.join(out, "overhead.json")
     steps, reps = ("15", "1") if quick else ("60", "5")
-    _job(4, "hvd_backup.experiments.overhead", ["--steps", steps, "--reps", reps, "--out", path])
+    _job(4, "hvd_backup.bench.overhead", ["--steps", steps, "--reps", reps, "--out", path])
     with open(path) as f:
         result = json.load(f)
     a, b, c = result["a_no_stragglers"], result["b_injected_delays"], result["c_counter_latency"]
-    print("\n(a) no stragglers, 4 ranks: ms per step (median of repetitions)")
-    print(f"{'model':8s}{'params':>12s}{'horovod':>10s}{'b=0':>10s}{'b=1':>10s}{'b=0/hvd':>9s}{'b=1/hvd':>9s}")
-    for size, r in a.items():
-        ms = r["ms_per_step"]
-        print(f"{size:8s}{r['params']:12,d}{ms['horovod']:10.1f}{ms['b0']:10.1f}{ms['b1']:10.1f}"
-              f"{r['ratio_b0']:9.3f}{r['ratio_b1']:9.3f}")
-    print("\n(b) injected delays, 4 ranks, b=1: measured time over the zero-overhead ideal")
-    print(f"{'straggler model':34s}{'ours/ideal':>11s}{'ours/ideal+step':>16s}{'sync/ours':>10s}{'learn close (us)':>17s}")
-    for spec, r in b.items():
-        learn = r["straggler_learns_close_us"]
-        print(f"{spec:34s}{r['backup_over_ideal']:11.3f}{r['backup_over_ideal_with_step_cost']:16.3f}"
-              f"{r['sync_over_backup']:10.2f}{'' if learn is None else f'{learn[0]:.0f} (p90 {learn[1]:.0f})':>17s}")
-    print("\n(c) one counter operation from a rank to the host, shared memory (us)")
-    for op, r in c.items():
-        print(f"{op:8s} median {r['median_us']:7.1f}   p99 {r['p99_us']:7.1f}")
+    _table("(a) no stragglers, 4 ranks: ms per step (median of repetitions)", [8, 12, 10, 10, 10, 9, 9],
+           ["model", "params", "horovod", "b=0", "b=1", "b=0/hvd", "b=1/hvd"],
+           [[size, f"{r['params']:,d}", *(f"{r['ms_per_step'][k]:.1f}" for k in ("horovod", "b0", "b1")),
+             f"{r['ratio_b0']:.3f}", f"{r['ratio_b1']:.3f}"] for size, r in a.items()])
+    learn = {spec: r["straggler_learns_close_us"] for spec, r in b.items()}
+    _table("(b) injected delays, 4 ranks, b=1: measured time over the zero-overhead ideal", [34, 11, 16, 10, 17],
+           ["straggler model", "ours/ideal", "ours/ideal+step", "sync/ours", "learn close (us)"],
+           [[spec, f"{r['backup_over_ideal']:.3f}", f"{r['backup_over_ideal_with_step_cost']:.3f}",
+             f"{r['sync_over_backup']:.2f}",
+             "" if learn[spec] is None else f"{learn[spec][0]:.0f} (p90 {learn[spec][1]:.0f})"]
+            for spec, r in b.items()])
+    _table("(c) one counter operation from a rank to the host, shared memory (us)", [8, 16, 14],
+           ["op", "median", "p99"], [[op, f"{r['median_us']:.1f}", f"{r['p99_us']:.1f}"] for op, r in c.items()])
     return result
+
+
+def _table(title: str, widths: list[int], head: list[str], rows: list[list[str]]) -> None:
+    """Print a table: the first column left-aligned, the others right-aligned, in the given widths."""
+    print(f"\n{title}")
+    for cells in [head, *rows]:
+        print("".join(f"{c:<{w}s}" if i == 0 else f"{c:>{w}s}" for i, (c, w) in enumerate(zip(cells, widths))))
 
 
 def _load(path):
@@ -69,15 +74,15 @@ def _load(path):
 @experiment("step-time")
 def step_time(out: str, quick: bool) -> dict:
     """Step time against b at N = 4 and 8, three straggler models; and the b-planner checked against it."""
-    from .experiments import plots
-    from .plan import Workload, predict
+    from . import plots
+    from ..planning.plan import Workload, predict
 
     results = {}
     for n in (4, 8):
         traces = os.path.join(out, f"traces-n{n}")
         os.makedirs(traces, exist_ok=True)
         path = os.path.join(out, f"step_time_n{n}.json")
-        _job(n, "hvd_backup.experiments.step_time", ["--steps", "15" if quick else "60", "--max-b", "3",
+        _job(n, "hvd_backup.bench.step_time", ["--steps", "15" if quick else "60", "--max-b", "3",
                                                       "--out", path, "--traces", traces])
         result = _load(path)
         plots.step_time(result, os.path.join(out, f"step_time_n{n}.png"))
@@ -115,13 +120,13 @@ def step_time(out: str, quick: bool) -> dict:
 
 @experiment("counter")
 def counter_cost(out: str, quick: bool) -> list:
-    from .experiments import plots
+    from . import plots
 
     rows = []
     for shm, transport in ((True, "shm"), (False, "tcp")):
         for n in (2, 4, 8, 16):
             path = os.path.join(out, f"counter_{transport}_n{n}.json")
-            _job(n, "hvd_backup.experiments.counter_cost", ["--out", path, "--seconds", "0.2" if quick else "1"],
+            _job(n, "hvd_backup.bench.counter_cost", ["--out", path, "--seconds", "0.2" if quick else "1"],
                  shm=shm)
             rows.append(dict(_load(path), transport=transport))
     with open(os.path.join(out, "counter.json"), "w") as f:
@@ -136,10 +141,10 @@ def counter_cost(out: str, quick: bool) -> list:
 
 @experiment("accuracy")
 def accuracy(out: str, quick: bool) -> dict:
-    from .experiments import plots
+    from . import plots
 
     path = os.path.join(out, "accuracy.json")
-    cmd = [sys.executable, "-m", "hvd_backup.experiments.accuracy", "--out", path] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", "hvd_backup.bench.accuracy", "--out", path] + (["--quick"] if quick else [])
     print("+", " ".join(cmd[1:]), flush=True)
     import subprocess
 

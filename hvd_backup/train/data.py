@@ -18,8 +18,8 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from .config import DATASETS
-from .errors import UserError
+from ..errors import UserError
+from .catalog import DATASETS
 
 __all__ = ["DATASETS", "DataError", "Split", "ShardBatches", "load_dataset", "shard_loader", "eval_loader"]
 

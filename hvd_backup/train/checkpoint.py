@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["CheckpointError", "FORMAT", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
 

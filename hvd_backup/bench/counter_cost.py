@@ -1,7 +1,7 @@
 """What the arrival counter costs as N grows: every rank hammers the host's counter word at once (the worst
 case: all ranks arriving together), and one rank alone (latency). Run under mpirun with any N.
 
-    mpirun -np 16 --oversubscribe python -m hvd_backup.experiments.counter_cost --out counter.json
+    mpirun -np 16 --oversubscribe python -m hvd_backup.bench.counter_cost --out counter.json
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import numpy as np
 from mpi4py import MPI
 
 from mpi_tools import ArrivalCounter
+
+from .common import time_one_rank
 
 
 def main(argv=None) -> int:
@@ -38,19 +40,7 @@ def main(argv=None) -> int:
         ops = comm.allreduce(len(samples))
         medians = comm.gather(statistics.median(samples), root=0)
         # Latency: one rank alone while the others keep MPI progressing (as the protocol's threads do).
-        comm.Barrier()
-        alone = []
-        if rank == n - 1:
-            for i in range(500):
-                tic = time.perf_counter()
-                counter.peek(i)
-                alone.append(time.perf_counter() - tic)
-            comm.Ibarrier().Wait()
-        else:
-            done = comm.Ibarrier()
-            while not done.Test():
-                counter.progress()
-        alone = comm.bcast(alone, root=n - 1)
+        alone = time_one_rank(counter, comm, counter.peek, 500)
         comm.Barrier()
     if rank == 0:
         out.update({"contended_ops_per_s": ops / args.seconds, "contended_median_us": 1e6 * statistics.median(medians),

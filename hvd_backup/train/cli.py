@@ -16,49 +16,38 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import sys
 import traceback
 
-EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED = 0, 2, 3
-
-
-def print0(*args, **kw):
-    if _RANK == 0:
-        print(*args, **kw, flush=True)
-
-
-_RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", os.environ.get("SLURM_PROCID", "0"))))
+from .console import EXIT_USAGE, print0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the job; bad input gives one line from rank 0 and exit code 2 on every rank, never a hang."""
-    global _RANK
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    _RANK = comm.Get_rank()
-    from .errors import HangError, ProtocolError, UserError, agree
+    rank = comm.Get_rank()
+    from ..errors import HangError, ProtocolError, UserError, agree, report, same_on_every_rank
 
     try:
         from .config import parse_args
 
-        quiet = contextlib.redirect_stdout(io.StringIO()) if _RANK else contextlib.nullcontext()
+        quiet = contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext()
         with quiet:  # --help once, not once per rank
             cfg = agree(comm, lambda: parse_args(argv))
-        _check_same_flags(comm, cfg)
+        agree(comm, lambda: same_on_every_rank(comm, cfg.public(), lambda key: f"--{key.replace('_', '-')}"))
         agree(comm, lambda: cfg.check_world(comm.Get_size()))
         from .trainer import Trainer
 
         trainer = agree(comm, lambda: Trainer(cfg, comm))
         return trainer.run()
     except UserError as exc:
-        print0(f"hvd-backup-train: error: {exc}", file=sys.stderr)
+        print0(rank, f"hvd-backup-train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (HangError, ProtocolError) as exc:
-        # One line per live rank (the protocol's thread printed it if it found it); then take every rank down.
-        if not getattr(exc, "reported", False):
-            print(f"hvd_backup: rank {_RANK}: {exc}", file=sys.stderr, flush=True)
+        # One line per live rank (the protocol's thread may have printed it already); then take every rank down.
+        report(exc, rank)
         comm.Abort(1)
     except SystemExit:
         raise
@@ -67,17 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         comm.Abort(1)
     return 1
-
-
-def _check_same_flags(comm, cfg) -> None:
-    from .errors import UserError
-
-    everyone = comm.allgather(cfg.public())
-    for rank, theirs in enumerate(everyone):
-        for key, value in theirs.items():
-            if value != everyone[0][key]:
-                raise UserError(f"flags differ across ranks: rank 0 has --{key.replace('_', '-')}={everyone[0][key]!r}, "
-                                f"rank {rank} has {value!r}")
 
 
 def cli() -> None:

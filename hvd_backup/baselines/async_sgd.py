@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .baselines import LoopOptimizer
-from .protocol import StepRecord
+from ..backends import MPI_TYPES
+from ..records import ClosedBy, Status, StepRecord
+from ..tensors import flat_views
+from .loop import LoopOptimizer
 
 __all__ = ["AsyncOptimizer"]
-
-_TYPES = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}
 
 
 class AsyncOptimizer(LoopOptimizer):
@@ -35,9 +35,10 @@ class AsyncOptimizer(LoopOptimizer):
         self.root = root
         self.params = [p for g in base.param_groups for p in g["params"] if p.requires_grad]
         dtypes = {p.dtype for p in self.params}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in _TYPES:
-            raise ValueError(f"hvd_backup: --mode async needs float32 or float64 parameters, got {sorted(map(str, dtypes))}")
-        self.dtype = _TYPES[dtypes.pop()]
+        if len(dtypes) != 1 or next(iter(dtypes)) not in MPI_TYPES:
+            raise ValueError("hvd_backup: --mode async needs float32 or float64 parameters, got "
+                             f"{sorted(map(str, dtypes))}")
+        self.dtype = MPI_TYPES[dtypes.pop()]
         self.numel = sum(p.numel() for p in self.params)
         self.flat = torch.zeros(self.numel, dtype=self.params[0].dtype)  # this rank's copy, on the CPU
         self.momentum = torch.zeros_like(self.flat)
@@ -49,13 +50,6 @@ class AsyncOptimizer(LoopOptimizer):
         self._started = False
 
     # --- the window ----------------------------------------------------------------------------------------
-
-    def _views(self, flat):
-        out, offset = [], 0
-        for p in self.params:
-            out.append(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-        return out
 
     def _version(self, add: int = 0) -> int:
         one = np.array([add], dtype=np.int64)
@@ -69,7 +63,7 @@ class AsyncOptimizer(LoopOptimizer):
         """Collective: the root publishes its initial parameters; everyone opens the access epochs."""
         if self.rank == self.root:
             with torch.no_grad():
-                for p, v in zip(self.params, self._views(self.flat)):
+                for p, v in zip(self.params, flat_views(self.params, self.flat)):
                     v.copy_(p.detach().cpu())
             self.win.Lock(self.root, MPI.LOCK_EXCLUSIVE)
             self.win.Put([self.flat.numpy(), self.dtype], self.root)
@@ -89,7 +83,7 @@ class AsyncOptimizer(LoopOptimizer):
         self.win.Get([self.flat.numpy(), self.dtype], self.root)
         self.win.Flush(self.root)
         with torch.no_grad():
-            for p, v in zip(self.params, self._views(self.flat)):
+            for p, v in zip(self.params, flat_views(self.params, self.flat)):
                 p.copy_(v)
         self.global_step = self._read_version
 
@@ -117,8 +111,8 @@ class AsyncOptimizer(LoopOptimizer):
         written = self._version(1)
         staleness = written - self._read_version
         now = time.monotonic()
-        self._record(StepRecord(written, self.size, 1, (self.rank,), "async", "included", now - t0, (), (),
-                                now - self._last, (None if loss is None else float(loss),), staleness=staleness,
+        self._record(StepRecord(written, self.size, 1, (self.rank,), ClosedBy.ASYNC, Status.INCLUDED, now - t0, (),
+                                (), now - self._last, (None if loss is None else float(loss),), staleness=staleness,
                                 quorum=1))
         self._pull()
         if self._stop_wanted:

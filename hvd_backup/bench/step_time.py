@@ -5,7 +5,7 @@ For each straggler model: plain ``hvd.DistributedOptimizer``, this optimizer wit
 and the compute times measured in the same run (the expected order statistic, catch-ups included). Rank 0
 writes the b=1 runs' step records as traces for validating the b-planner.
 
-    mpirun -np 8 python -m hvd_backup.experiments.step_time --out step_time.json --traces DIR
+    mpirun -np 8 python -m hvd_backup.bench.step_time --out step_time.json --traces DIR
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import json
 import os
 import statistics
 
-import torch
 from mpi4py import MPI
 
 from mpi_tools import StragglerInjector
 
+from ..planning.simulate import simulate
+from .common import start_horovod_job
 from .overhead import run
-from .simulate import simulate
 
 MODELS = {
     "none": "none",
@@ -37,10 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--traces", required=True, help="folder for the b=1 runs' step records")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    import horovod.torch as hvd
-
-    hvd.init(comm=MPI.COMM_WORLD)
+    hvd = start_horovod_job()
     comm = MPI.COMM_WORLD
     n, rank = comm.Get_size(), comm.Get_rank()
     result = {"ranks": n, "steps": args.steps, "models": {}}

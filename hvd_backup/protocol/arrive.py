@@ -1,0 +1,60 @@
+"""Steps 1 and 2 of :mod:`hvd_backup.protocol`: arrive at a step with this rank's gradient, or learn that the
+step closed without it."""
+
+from __future__ import annotations
+
+import time
+
+from mpi_tools import ArrivalCounter, Backoff
+
+from ..errors import ProtocolError
+from .state import StepState, Turn
+
+__all__ = ["await_turn"]
+
+
+def await_turn(eng, st: StepState) -> Turn:
+    """Run on the communication thread until this rank's part in step ``st.t`` is decided: arrive with the
+    gradient the training thread handed in (one fetch-and-add on the step's counter word) or see the word
+    closed; catch up a gradient that is already stale on the way."""
+    k, t = eng.quorum, st.t
+    backoff = Backoff(20e-6, eng.poll_cap)
+    stopped_here = False
+    while True:
+        with eng._cond:
+            if eng._rebase_to is not None:
+                if eng._last_record is not None:
+                    raise ProtocolError(f"rank {eng.rank}: the global step was restored after step "
+                                        f"{eng._last_record.step} ran: other ranks started training first")
+                eng.step = eng.version = eng._rebase_to
+                eng._rebase_to = None
+                eng._cond.notify_all()
+                return Turn.REBASED
+        sub = eng._take()
+        if sub is not None and sub.version < t:
+            eng.catch_up(sub)
+            continue
+        if sub is not None:
+            sub.arrived = True
+            st.submission = sub
+            eng._busy_since = time.monotonic()
+            tic = time.perf_counter()
+            st.order = eng.counter.arrive(t)
+            st.arrived_at = eng.clock.now()
+            eng.timings.add("arrive", time.perf_counter() - tic)
+            return Turn.ARRIVED
+        if eng._stopping and not stopped_here:
+            eng._busy_since = time.monotonic()
+            eng.counter.stop(t)
+            stopped_here = True
+        word = ArrivalCounter.decode(eng.counter.peek(t))
+        if word.arrivals >= k or word.closes:
+            st.closed_seen_at = eng.clock.now()
+            return Turn.CLOSED
+        if word.stops == eng.size:
+            return Turn.STOPPED
+        eng.tend()
+        with eng._cond:
+            if eng._rebase_to is None and (
+                    eng._pending is None or eng._pending.arrived or eng._pending.reply is not None):
+                eng._cond.wait(backoff.interval())

@@ -1,0 +1,232 @@
+"""The step engine: one communication thread per rank that runs the protocol's steps (see
+:mod:`hvd_backup.protocol`) one global step after another, and its hand-off with the training thread."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import sys
+import threading
+import time
+
+import torch
+
+from mpi_tools import ArrivalCounter, ClockSync
+
+from ..errors import report
+from ..records import Status, StepRecord, Timings
+from .apply import apply, catch_up
+from .arrive import await_turn
+from .contribute import contribute
+from .interface import Backend, TensorSide
+from .reweight import reweight
+from .state import Meta, StepState, Submission, Turn
+from .watchdog import Watchdog
+
+__all__ = ["StepEngine"]
+
+
+class StepEngine:
+    """The communication thread of one rank (and its watchdog).
+
+    ``side`` holds the tensors and applies updates (:class:`~hvd_backup.protocol.interface.TensorSide`),
+    ``backend`` reduces them (:class:`~hvd_backup.protocol.interface.Backend`). The constructor is collective
+    over ``backend.comm`` (counter window, clock sync).
+    """
+
+    def __init__(
+        self,
+        side: TensorSide,
+        *,
+        backend: Backend,
+        quorum: int,
+        straggler_timeout: float | None,
+        min_workers: int,
+        hang_timeout: float,
+        max_lag: int | None,
+        hyper_len: int,
+        slots: int = 4,
+        poll_cap: float | None = None,
+        abort_grace: float = 5.0,
+        history: int = 100_000,
+    ):
+        self.side = side
+        self.backend = backend
+        comm = backend.comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.quorum = quorum
+        self.straggler_timeout = straggler_timeout
+        self.min_workers = min_workers
+        self.hang_timeout = hang_timeout
+        self.max_lag = max_lag
+        # Waiting ranks poll the counter's host: at most every 0.5 ms, less often on large jobs so that the host
+        # serves about 500k polls per second at the most, whatever N.
+        self.poll_cap = poll_cap if poll_cap is not None else max(5e-4, 2e-6 * self.size)
+        self.clock = ClockSync(comm=comm)
+        self.counter = ArrivalCounter(slots, comm=comm, root=0)
+        self._meta = torch.zeros(Meta.BLOCKS * self.size + hyper_len, dtype=torch.float64)
+        self.snapshot_every: int | None = None
+        self._snapshots: dict[int, list[torch.Tensor]] = {}
+        self.stop_requested = False
+        self._stop_wanted = False
+        self.records: collections.deque[StepRecord] = collections.deque(maxlen=history)  # users pop these
+        self._last_record: StepRecord | None = None  # the latest applied step's (a catch-up's answer)
+        self.auto = None  # an AutoBackup when backup_workers="auto"
+        self._stale_compute: float | None = None
+        self._last_duration = 0.0
+        self.timings = Timings()
+
+        self._cond = threading.Condition()
+        self._pending: Submission | None = None
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._rebase_to: int | None = None
+        self._submitted = False
+        self._finished = threading.Event()
+        self.step = 0  # next global step the thread works on
+        self.version = 0  # the step the live parameters belong to
+        self.consensus_version = -1  # the step the consensus copy belongs to (-1: none yet)
+        self._current: StepState | None = None
+        self._busy_since: float | None = None  # when this rank began its part of the current step (watchdog)
+        self._last_done = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._beat_every = min(1.0, hang_timeout / 4)
+        self._last_beat = 0.0
+        self.watchdog = Watchdog(self, abort_grace=abort_grace)
+
+    # --- training-thread side ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the communication thread and the watchdog (the rank takes part in steps from now on)."""
+        # Hand-offs between the training and communication threads wait for the GIL; Python's default 5 ms
+        # switch interval would add up to that to every step while the training thread runs Python code.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+        self._last_done = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="hvd_backup-comm", daemon=True)
+        self._thread.start()
+        self.watchdog.start()
+
+    def submit(self, hyper: list[float], compute_s: float, loss: float | None = None) -> StepRecord:
+        """Hand in the gradient now in ``side.send`` (computed on version ``self.version``); block until this
+        rank's parameters are updated; return the step's record. Raises the thread's error, if any."""
+        sub = Submission(self.version, hyper, compute_s, time.monotonic(), loss)
+        with self._cond:
+            self._raise_if_failed()
+            self._submitted = True
+            self._pending = sub
+            self._cond.notify_all()
+            while sub.reply is None:
+                self._raise_if_failed()
+                self._cond.wait(0.5)
+        return sub.reply
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop after the next step this rank takes part in (safe in a signal handler)."""
+        self._stop_wanted = True
+
+    def take_snapshot(self, step: int) -> list[torch.Tensor] | None:
+        """The parameters as they were at global step ``step`` (a multiple of ``snapshot_every``), once."""
+        with self._cond:
+            return self._snapshots.pop(step, None)
+
+    def rebase(self, step: int) -> None:
+        """Start counting global steps at ``step`` (a restored checkpoint's); only before the first submit."""
+        with self._cond:
+            if self._submitted:
+                raise RuntimeError("hvd_backup: the global step can only be restored before the first step()")
+            self._rebase_to = int(step)
+            self._cond.notify_all()
+            while self._rebase_to is not None:
+                self._raise_if_failed()
+                self._cond.wait(0.5)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Stop together with the other ranks (all must call it after their last step); joins the threads."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            while not self._finished.is_set():
+                self._raise_if_failed()
+                self._cond.wait(0.5)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def free(self) -> None:
+        """Release the counter window and the backend (collective); call after :meth:`stop` on every rank."""
+        self.counter.free()
+        self.backend.free()
+
+    # --- the communication thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.side.device.type == "cuda":
+            torch.cuda.set_device(self.side.device)
+        try:
+            while True:
+                st = StepState(self.step)
+                self._current = st
+                turn = await_turn(self, st)  # steps 1-2
+                if turn is Turn.STOPPED:
+                    break  # every rank stopped
+                if turn is Turn.REBASED:
+                    continue
+                buf, included = contribute(self, st)  # step 3
+                tic = time.perf_counter()
+                record, hyper = reweight(self, st, buf)  # step 4
+                self.timings.add("reduce", time.perf_counter() - tic)
+                tic = time.perf_counter()
+                apply(self, st, buf, hyper, record, included)  # steps 4-5
+                self.timings.add("apply", time.perf_counter() - tic)
+                self._busy_since = None
+                if self.rank == self.counter.root and st.t > 0:
+                    self.counter.reset(st.t - 1)  # step 6
+                self.step = st.t + 1
+        except BaseException as exc:  # noqa: BLE001 - the training thread re-raises it
+            self.fail(exc)
+        finally:
+            self._current = None
+            self._finished.set()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _take(self) -> Submission | None:
+        with self._cond:
+            sub = self._pending
+            return sub if sub is not None and sub.reply is None and not sub.arrived else None
+
+    def catch_up(self, sub: Submission) -> None:
+        catch_up(self, sub)
+
+    def reply(self, sub: Submission, record: StepRecord, status: Status) -> None:
+        """Answer the training thread waiting in :meth:`submit`."""
+        wait = time.monotonic() - sub.submitted_at
+        reply = dataclasses.replace(record, status=status, wait_s=wait)
+        with self._cond:
+            sub.reply = reply
+            if self._pending is sub:
+                self._pending = None
+            self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        """Record the thread's error (the training thread raises it) and print it once."""
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+            self._cond.notify_all()
+        report(exc, self.rank)
+
+    def tend(self) -> None:
+        """The communication thread's chores between polls: MPI progress (the counter's host serves the others'
+        one-sided operations), this rank's heartbeat, and reading the counter when the watchdog asks."""
+        self.counter.progress()
+        now = time.monotonic()
+        if now - self._last_beat >= self._beat_every:
+            self._last_beat = now
+            self.counter.beat(int(1e3 * self.clock.now()))
+        self.watchdog.serve()

@@ -1,0 +1,58 @@
+"""What the step engine needs from the tensor side and from the allreduce backend, written down."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+__all__ = ["Backend", "TensorSide"]
+
+
+class TensorSide(Protocol):
+    """The tensors one rank's protocol moves (implemented by :class:`hvd_backup.tensors.Consensus`).
+
+    The training thread fills ``send`` and waits; only then does the communication thread call the methods
+    below, so nothing here needs a lock.
+    """
+
+    device: torch.device
+    send: torch.Tensor  # the training thread's flat gradient buffer, P + 1 long (the last element: the count)
+    zeros: torch.Tensor  # the same shape, owned by the communication thread (what a rank not included sends)
+
+    def apply_live(self, flat: torch.Tensor, hyper: list[float]) -> None:
+        """Apply the reduced, reweighted ``flat`` to the live parameters with the step's hyper-parameters."""
+
+    def apply_consensus(self, flat: torch.Tensor, hyper: list[float]) -> None:
+        """The same update, on the consensus copy (this rank's training thread is behind)."""
+
+    def sync_consensus(self) -> None:
+        """Consensus := live (the live parameters are at the current step)."""
+
+    def restore_live(self) -> None:
+        """Live := consensus: the catch-up."""
+
+    def live_params(self) -> list[torch.Tensor]:
+        """The live parameters, in ``param_groups`` order (for snapshots)."""
+
+    def consensus_params(self) -> list[torch.Tensor]:
+        """The consensus copy's parameters, in the same order."""
+
+
+class Backend(Protocol):
+    """A nonblocking in-place sum over the ranks of ``comm`` (:mod:`hvd_backup.backends`)."""
+
+    name: str
+    comm: Any  # the mpi4py communicator whose ranks are the backend's ranks
+
+    def start(self, tensor: torch.Tensor, name: str) -> Any:
+        """Post the sum of ``tensor`` over all ranks, in place; return a handle."""
+
+    def done(self, handle: Any) -> bool:
+        """Whether the sum has completed (never blocks)."""
+
+    def finish(self, handle: Any) -> None:
+        """Complete a sum that is ``done``."""
+
+    def free(self) -> None:
+        """Release what the backend holds. Collective."""

@@ -1,0 +1,84 @@
+"""Step 7 of :mod:`hvd_backup.protocol`: never hang. A watchdog thread fails a step that outlives
+``hang_timeout`` with an error naming the ranks that never contributed (from the per-rank marks and heartbeats
+in the counter window), and takes the job down if the process is still alive shortly after a failure."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+from mpi4py import MPI
+
+from ..errors import HangError
+
+__all__ = ["Watchdog"]
+
+
+class Watchdog:
+    """One per rank, beside the communication thread. Reads of the counter window stay on the communication
+    thread (Open MPI's UCX one-sided component is not safe with two threads operating at once): the watchdog
+    asks, :meth:`serve` answers from the communication thread's polling loop."""
+
+    def __init__(self, eng, *, abort_grace: float):
+        self.eng = eng
+        self.abort_grace = abort_grace
+        self._ask = threading.Event()
+        self._answered = threading.Event()
+        self._diagnosis = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._watch, name="hvd_backup-watchdog", daemon=True)
+        self._thread.start()
+
+    def serve(self) -> None:
+        """On the communication thread: read the marks and heartbeats if the watchdog asked."""
+        if self._ask.is_set() and not self._answered.is_set():
+            self._diagnosis = self.eng.counter.read_marks(timeout=min(10.0, self.eng.hang_timeout))
+            self._answered.set()
+
+    def _watch(self) -> None:
+        eng = self.eng
+        while not eng._finished.is_set():
+            st, since = eng._current, eng._busy_since
+            if eng._error is not None:
+                break
+            if st is not None and since is not None and time.monotonic() - since > eng.hang_timeout:
+                self._ask.set()
+                self._answered.wait(min(15.0, eng.hang_timeout + 5))
+                eng.fail(self._hang_error(st))
+                break
+            eng._finished.wait(min(1.0, eng._beat_every))
+        if eng._error is not None:
+            # The training thread raises the error; if the process is still here (a rank stuck in MPI, an
+            # interpreter waiting on it at exit), take the whole job down rather than hang.
+            time.sleep(self.abort_grace)
+            print(f"hvd_backup: rank {eng.rank}: aborting the job after: {eng._error}", file=sys.stderr,
+                  flush=True)
+            MPI.COMM_WORLD.Abort(1)
+            os._exit(1)
+
+    def _hang_error(self, st) -> HangError:
+        """Name the ranks that never posted this step, or that posted it and then went silent (killed, frozen)."""
+        eng = self.eng
+        if not self._answered.is_set():
+            return HangError(f"step {st.t}: did not complete within hang_timeout={eng.hang_timeout:g}s, and this "
+                             f"rank's communication thread is blocked inside MPI (the counter host rank "
+                             f"{eng.counter.root} may be stuck or gone)")
+        found = self._diagnosis
+        if found is None:
+            return HangError(f"step {st.t}: the counter host rank {eng.counter.root} did not answer (it is stuck "
+                             f"or gone) and the step did not complete within hang_timeout={eng.hang_timeout:g}s")
+        marks, beats = found
+        now_ms = 1e3 * eng.clock.now()
+        silent_for = {r: (now_ms - b) / 1e3 for r, b in enumerate(beats)
+                      if r != eng.rank and now_ms - b > 2e3 * eng._beat_every + 1e3}
+        culprits = sorted({r for r, m in enumerate(marks) if m < st.t} | set(silent_for))
+        detail = ""
+        if silent_for:
+            quiet = ", ".join(f"rank {r} for {s:.0f}s" for r, s in sorted(silent_for.items()))
+            detail = f" (no heartbeat from {quiet})"
+        return HangError(f"step {st.t}: ranks {culprits} did not contribute within "
+                         f"hang_timeout={eng.hang_timeout:g}s{detail}")
