@@ -20,14 +20,15 @@ benchmarks (:mod:`hvd_backup.bench`).
 
 import importlib
 
-from .errors import HangError, ProtocolError
+from .errors import HangError, ProtocolError, RankFailedError
 
 __version__ = "0.1.0"
-__all__ = ["ClosedBy", "DistributedOptimizer", "HangError", "ProtocolError", "Status", "StepRecord",
-           "broadcast_parameters"]
+__all__ = ["ClosedBy", "Compression", "DistributedOptimizer", "HangError", "ProtocolError", "RankFailedError",
+           "Status", "StepRecord", "broadcast_parameters"]
 
 # Imported on first use, so that the command line can reject bad flags before paying for importing torch.
-_LAZY = {"DistributedOptimizer": "optimizer", "StepRecord": "records", "Status": "records", "ClosedBy": "records"}
+_LAZY = {"DistributedOptimizer": "optimizer", "StepRecord": "records", "Status": "records", "ClosedBy": "records",
+         "Compression": "horovod_compat"}
 
 
 def __getattr__(name):

@@ -1,8 +1,8 @@
 """Where the per-step allreduce runs: Horovod (the default) or plain mpi4py.
 
-Both expose the same small interface, used only from the protocol's communication thread:
-``start(tensor, name)`` posts an in-place nonblocking sum and returns a handle, ``done(handle)`` polls it
-without blocking, ``finish(handle)`` completes it. ``comm`` is the mpi4py communicator whose ranks are the
+Both expose the same small interface (:class:`hvd_backup.protocol.Backend`), used only from the protocol's
+communication thread: ``start(tensor, name, compress)`` posts an in-place nonblocking sum and returns a handle,
+``done(handle)`` polls it without blocking, ``finish(handle)`` completes it. ``comm`` is the mpi4py communicator whose ranks are the
 backend's ranks; the arrival counter lives on it.
 """
 
@@ -24,12 +24,13 @@ class HorovodBackend:
 
     name = "horovod"
 
-    def __init__(self, comm: MPI.Intracomm | None = None):
+    def __init__(self, comm: MPI.Intracomm | None = None, compression=None):
         import horovod.torch as hvd
 
         if not hvd.is_initialized():
             raise RuntimeError("hvd_backup: backend='horovod' needs hvd.init() before DistributedOptimizer(...)")
         self.hvd = hvd
+        self.compression = compression  # Horovod's Compression.fp16 and the like, for the gradients only
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         if (hvd.size(), hvd.rank()) != (self.comm.Get_size(), self.comm.Get_rank()):
             raise RuntimeError(
@@ -38,15 +39,20 @@ class HorovodBackend:
                 "as comm=, or launch with horovodrun/mpirun so both use the world"
             )
 
-    def start(self, tensor: torch.Tensor, name: str):
-        return self.hvd.allreduce_async_(tensor, name=name, op=self.hvd.Sum)
+    def start(self, tensor: torch.Tensor, name: str, compress: bool = False):
+        sent, ctx = (self.compression.compress(tensor) if compress and self.compression is not None
+                     else (tensor, None))
+        return self.hvd.allreduce_async_(sent, name=name, op=self.hvd.Sum), tensor, sent, ctx
 
     def done(self, handle) -> bool:
-        return bool(self.hvd.poll(handle))
+        return bool(self.hvd.poll(handle[0]))
 
     def finish(self, handle) -> None:
         # Only after done() is true: hvd.synchronize spins on a CPU core while it waits.
-        self.hvd.synchronize(handle)
+        request, tensor, sent, ctx = handle
+        self.hvd.synchronize(request)
+        if sent is not tensor:
+            tensor.copy_(self.compression.decompress(sent, ctx))
 
     def free(self) -> None:
         pass  # Horovod's own state outlives the optimizer (hvd.shutdown() is the user's)
@@ -67,7 +73,7 @@ class MPIBackend:
     def __init__(self, comm: MPI.Intracomm | None = None):
         self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
 
-    def start(self, tensor: torch.Tensor, name: str):
+    def start(self, tensor: torch.Tensor, name: str, compress: bool = False):
         if tensor.dtype not in MPI_TYPES:
             raise TypeError(
                 f"hvd_backup: backend='mpi' reduces float32 or float64 tensors, got {tensor.dtype}; "
@@ -90,9 +96,9 @@ class MPIBackend:
         self.comm.Free()
 
 
-def make_backend(name: str, comm: MPI.Intracomm | None = None):
+def make_backend(name: str, comm: MPI.Intracomm | None = None, compression=None):
     if name == "horovod":
-        return HorovodBackend(comm)
+        return HorovodBackend(comm, compression)
     if name == "mpi":
         return MPIBackend(comm)
     raise ValueError(f"backend={name!r} is not one of {', '.join(map(repr, BACKENDS))}")

@@ -6,7 +6,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-__all__ = ["HangError", "ProtocolError", "UserError", "agree", "report", "same_on_every_rank"]
+__all__ = ["HangError", "ProtocolError", "RankFailedError", "UserError", "agree", "report", "same_on_every_rank"]
 
 
 class UserError(ValueError):
@@ -19,6 +19,15 @@ class HangError(RuntimeError):
 
 class ProtocolError(RuntimeError):
     """The ranks disagree about a step (a bug, or ranks running different programs)."""
+
+
+class RankFailedError(RuntimeError):
+    """Another rank failed (an exception left its training script); ``rank`` and, where it could travel, the
+    one-line ``cause``."""
+
+    def __init__(self, message: str, *, rank: int, cause: str = ""):
+        super().__init__(message)
+        self.rank, self.cause = rank, cause
 
 
 def agree(comm, fn):

@@ -5,41 +5,57 @@
 
 The returned object is an instance of a subclass of the wrapped optimizer's class that shares its parameter
 groups and state (as Horovod does), so schedulers, ``state_dict()`` and ``zero_grad()`` work unchanged.
-``step()`` runs one global step of the protocol in :mod:`hvd_backup.protocol`.
+``step()`` hands the gradients to the protocol (:mod:`hvd_backup.protocol`), which owns every other decision.
 """
 
 from __future__ import annotations
 
-import atexit
+import hashlib
+import itertools
 import time
-import weakref
 
 import torch
 from mpi4py import MPI
 
+from . import amp, lifecycle
 from . import settings as rules
 from .backends import make_backend
-from .errors import same_on_every_rank
+from .errors import ProtocolError, same_on_every_rank
+from .horovod_compat import resolve
 from .protocol import StepEngine
+from .protocol.adaptive import AutoBackup
 from .records import StepRecord
+from .schedulers import SchedulerFollower
 from .tensors import Consensus
 
 __all__ = ["DistributedOptimizer"]
+
+_instances = itertools.count()  # every rank creates its optimizers in the same order (the constructor is collective)
 
 
 def DistributedOptimizer(
     optimizer: torch.optim.Optimizer,
     named_parameters=None,
+    compression=None,
+    backward_passes_per_step: int = 1,
+    op=None,
+    gradient_predivide_factor: float = 1.0,
+    num_groups: int = 0,
+    groups=None,
+    sparse_as_dense: bool = False,
+    process_set=None,
     *,
     backup_workers: int | str = 1,
     straggler_timeout: float | None = None,
     min_workers: int | None = None,
     hang_timeout: float = 600.0,
+    startup_timeout: float | None = None,
     max_lag: int | None = None,
     backend: str = "horovod",
     comm: MPI.Intracomm | None = None,
     auto_every: int = 50,
     max_backup_workers: int | None = None,
+    history: int = 1024,
 ):
     """Wrap ``optimizer`` for synchronous SGD that waits for the first N - ``backup_workers`` ranks each step.
 
@@ -49,6 +65,9 @@ def DistributedOptimizer(
     Args:
         optimizer: any ``torch.optim.Optimizer``; its parameter groups and state are taken over.
         named_parameters: ``model.named_parameters()``, used to name parameters in errors (optional).
+        compression, backward_passes_per_step, op, gradient_predivide_factor, num_groups, groups,
+            sparse_as_dense, process_set: Horovod's keywords, with Horovod's meaning
+            (:mod:`hvd_backup.horovod_compat`); ``op=hvd.Sum`` sums over the included ranks.
         backup_workers: b, the number of slowest ranks each step does without (0 <= b < N; 0 is plain sync),
             or ``"auto"``: re-chosen every ``auto_every`` steps between 0 and ``max_backup_workers`` (default
             N // 4) for the highest throughput, from the arrival records (:mod:`hvd_backup.protocol.adaptive`).
@@ -56,78 +75,70 @@ def DistributedOptimizer(
             that arrived (at least ``min_workers``); ``None`` waits for N - b.
         min_workers: the fewest arrivals a timeout may close a step with (1 <= min_workers <= N - b;
             default 1).
-        hang_timeout: seconds a rank waits for a step's allreduce before failing the job with an error that
-            names the ranks that never contributed.
+        hang_timeout: seconds a rank waits for a step before failing the job with an error that names the
+            ranks that never contributed. ``startup_timeout`` (default: the same) is for the first step, which
+            waits for every rank.
         max_lag: fail if this rank's training thread falls more than this many steps behind (default: never).
         backend: ``"horovod"`` (``hvd.init()`` first) or ``"mpi"`` (mpi4py only; no Horovod needed).
         comm: the mpi4py communicator of the ranks (default ``MPI.COMM_WORLD``).
+        history: how many step records :meth:`pop_records` keeps when nobody pops them.
     """
     base = optimizer.__class__
     if isinstance(optimizer, _BackupOptimizer):
         raise ValueError("hvd_backup: the optimizer is already a hvd_backup.DistributedOptimizer")
     cls = type(base.__name__, (_BackupOptimizer, base), {})
-    return cls(
-        optimizer,
-        named_parameters,
-        backup_workers=backup_workers,
-        straggler_timeout=straggler_timeout,
-        min_workers=min_workers,
-        hang_timeout=hang_timeout,
-        max_lag=max_lag,
-        backend=backend,
-        comm=comm,
-        auto_every=auto_every,
-        max_backup_workers=max_backup_workers,
-    )
+    horovod = dict(compression=compression, backward_passes_per_step=backward_passes_per_step, op=op,
+                   gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups, groups=groups,
+                   sparse_as_dense=sparse_as_dense, process_set=process_set)
+    return cls(optimizer, named_parameters, horovod, backup_workers=backup_workers,
+               straggler_timeout=straggler_timeout, min_workers=min_workers, hang_timeout=hang_timeout,
+               startup_timeout=startup_timeout, max_lag=max_lag, backend=backend, comm=comm, auto_every=auto_every,
+               max_backup_workers=max_backup_workers, history=history)
 
 
 class _BackupOptimizer(torch.optim.Optimizer):
     """Mixed in before the wrapped optimizer's class; see :func:`DistributedOptimizer`."""
 
-    def __init__(self, optimizer, named_parameters, *, backup_workers, straggler_timeout, min_workers,
-                 hang_timeout, max_lag, backend, comm, auto_every, max_backup_workers):
-        # Take over the wrapped optimizer's groups, state and hooks as they are (no re-initialisation).
-        self.__dict__.update(optimizer.__dict__)
+    # GradScaler hands itself to step() (amp.py) rather than unscaling and skipping on this rank's own verdict.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, optimizer, named_parameters, horovod: dict, *, comm, history, **values):
+        # Take over the wrapped optimizer's groups, state and hooks (no re-initialisation); not a method a
+        # scheduler patched onto that instance (it would step the wrapped optimizer alone).
+        self.__dict__.update({k: v for k, v in optimizer.__dict__.items() if k != "step"})
         base = type(self).__mro__[2]
         comm = comm if comm is not None else MPI.COMM_WORLD
-        names = {}
-        if named_parameters is not None:
-            names = {p: n for n, p in named_parameters}
-        consensus = Consensus(self, base, names)
-        values = dict(backup_workers=backup_workers, straggler_timeout=straggler_timeout, min_workers=min_workers,
-                      hang_timeout=hang_timeout, max_lag=max_lag, backend=backend, auto_every=auto_every,
-                      max_backup_workers=max_backup_workers)
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            raise RuntimeError("hvd_backup: MPI was initialised without MPI_THREAD_MULTIPLE, which the protocol's "
+                               "thread needs: let mpi4py initialise MPI (import mpi4py.MPI before horovod)")
+        names = {p: n for n, p in named_parameters} if named_parameters is not None else {}
+        options = resolve(backend=values["backend"], **horovod)
+        consensus = Consensus(self, base, names, sparse_as_dense=options.sparse_as_dense)
         same_on_every_rank(comm, dict(values, optimizer=base.__name__, parameters=consensus.signature(),
-                                      hyper_parameters=consensus.hyper.signature()), lambda k: f"hvd_backup: {k}")
+                                      hyper_parameters=consensus.hyper.signature(), op=options.op,
+                                      compression=repr(options.compression)), lambda k: f"hvd_backup: {k}")
         size = comm.Get_size()
         checked = rules.check(values, size=size, spell=lambda k, v: f"hvd_backup: {k}={v!r}")
-        b, b_max, min_workers = checked.b, checked.b_max, checked.min_workers
-        self._hvdb_base = base
-        self._hvdb_consensus = consensus
-        self.straggler_timeout = straggler_timeout
-        self.min_workers = min_workers
-        self.hang_timeout = float(hang_timeout)
-        self.max_lag = max_lag
+        self._hvdb_base, self._hvdb_wrapped, self._hvdb_comm = base, optimizer, comm
+        self._hvdb_consensus, self._hvdb_options = consensus, options
+        self._hvdb_names = [names.get(p, f"param[{i}]") for i, p in enumerate(consensus.all_params)]
         self._hvdb_engine = StepEngine(
-            consensus,
-            backend=make_backend(backend, comm),
-            quorum=size - b,
-            straggler_timeout=straggler_timeout,
-            min_workers=min_workers,
-            hang_timeout=self.hang_timeout,
-            max_lag=max_lag,
-            hyper_len=len(consensus.hyper.fields),
-        )
-        if b_max is not None:
-            from .protocol.adaptive import AutoBackup
-
-            self._hvdb_engine.auto = AutoBackup(size, every=auto_every, b_min=0, b_max=b_max)
+            consensus, backend=make_backend(values["backend"], comm, options.compression),
+            quorum=size - checked.b, straggler_timeout=values["straggler_timeout"],
+            min_workers=checked.min_workers, hang_timeout=float(values["hang_timeout"]),
+            startup_timeout=values["startup_timeout"], max_lag=values["max_lag"],
+            hyper_len=len(consensus.hyper.fields), name=f"hvd_backup.{next(_instances)}", op=options.op,
+            predivide=options.predivide, history=history)
+        if checked.b_max is not None:
+            self._hvdb_engine.auto = AutoBackup(size, every=values["auto_every"], b_min=0, b_max=checked.b_max)
+        self.backward_passes_per_step = options.backward_passes_per_step
+        self._hvdb_schedulers = SchedulerFollower(self, optimizer)
+        self._hvdb_calls = 0
         self._hvdb_engine.start()
         self._hvdb_ready_at = time.monotonic()
         self._hvdb_closed = False
         self.last_step: StepRecord | None = None
-        ref = weakref.ref(self)
-        atexit.register(lambda: ref() is not None and ref().close())
+        lifecycle.register(self)
 
     # --- what users call ---------------------------------------------------------------------------------------
 
@@ -149,11 +160,12 @@ class _BackupOptimizer(torch.optim.Optimizer):
         """The number of updates applied to this rank's parameters (the same on all ranks after ``step()``)."""
         return self._hvdb_engine.version
 
-    def step(self, closure=None, *, loss=None):
+    def step(self, closure=None, *, loss=None, grad_scaler=None):
         """Hand in this rank's gradients and return once its parameters hold the next global step.
 
         ``loss`` (optional; a closure's result is used when given) is shared with the other ranks in the
-        step's records, so rank 0 can log the mean loss of the included ranks.
+        step's records, so rank 0 can log the mean loss of the included ranks. ``grad_scaler`` is passed by
+        ``torch.amp.GradScaler.step`` (:mod:`hvd_backup.amp`).
 
         ``self.last_step`` then says what happened: who was included, and whether this rank's gradient
         counted (``"included"``), came too late (``"dropped"``), or was computed on parameters that were
@@ -162,20 +174,57 @@ class _BackupOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        reported = None if loss is None else float(loss)
         if self._hvdb_closed:
             raise RuntimeError("hvd_backup: step() after close()")
-        engine = self._hvdb_engine
+        engine, consensus = self._hvdb_engine, self._hvdb_consensus
+        consensus.check_unchanged()
+        self._hvdb_schedulers.before_step(self, self._hvdb_calls)
         compute_s = time.monotonic() - self._hvdb_ready_at
-        consensus = self._hvdb_consensus
         tic = time.perf_counter()
-        consensus.flatten()
+        consensus.flatten(amp.before_step(grad_scaler, self) if grad_scaler is not None else None)
         engine.timings.add("flatten", time.perf_counter() - tic)
         tic = time.perf_counter()
-        self.last_step = engine.submit(consensus.hyper.snapshot(self.param_groups), compute_s, reported)
+        sub = engine.submit(consensus.hyper.snapshot(self.param_groups), compute_s,
+                            None if loss is None else float(loss), amp=grad_scaler is not None)
         engine.timings.add("blocked_in_step", time.perf_counter() - tic)
+        self.last_step = sub.reply
+        if grad_scaler is not None:
+            amp.after_step(grad_scaler, self, sub.covered)
+        self._hvdb_schedulers.after_catch_up(self._hvdb_calls, len(sub.covered) - 1)
+        self._hvdb_calls += 1
+        self._opt_called = self._hvdb_wrapped._opt_called = True  # what schedulers check
         self._hvdb_ready_at = time.monotonic()
         return loss
+
+    def synchronize(self):
+        raise RuntimeError("hvd_backup: synchronize() has no meaning here: which gradients are averaged is only "
+                           "decided inside step(). To clip or edit the averaged gradient, register it with "
+                           "opt.register_step_pre_hook(hook) (the hook gets the optimizer to edit: clip "
+                           "[p for g in optimizer.param_groups for p in g['params']])")
+
+    def skip_synchronize(self):
+        self.synchronize()
+
+    def verify(self) -> None:
+        """Collective (every rank, at the same global step, e.g. after the loop): raise ``ProtocolError`` on
+        every rank if any parameter or optimizer state differs across ranks, naming the first that does."""
+        digests = []
+        for p in self._hvdb_consensus.all_params:
+            h = hashlib.sha256(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            for key, value in sorted(self.state.get(p, {}).items()):
+                if torch.is_tensor(value):
+                    h.update(key.encode())
+                    h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digests.append(h.hexdigest())
+        everyone = self._hvdb_comm.allgather((self.global_step, digests))
+        for rank, (step, theirs) in enumerate(everyone):
+            if step != everyone[0][0]:
+                raise ProtocolError(f"hvd_backup: verify() called at global step {everyone[0][0]} on rank 0 but "
+                                    f"{step} on rank {rank}: call it at the same step everywhere")
+            for name, mine, other in zip(self._hvdb_names, everyone[0][1], theirs):
+                if mine != other:
+                    raise ProtocolError(f"hvd_backup: parameter {name} (or its optimizer state) differs between "
+                                        f"rank 0 and rank {rank} at global step {step}")
 
     @property
     def stop_requested(self) -> bool:
@@ -202,7 +251,8 @@ class _BackupOptimizer(torch.optim.Optimizer):
         return self._hvdb_engine.timings.snapshot(reset)
 
     def pop_records(self) -> list[StepRecord]:
-        """Records of every step completed since the last call (rank-independent fields), oldest first."""
+        """Records of the steps completed since the last call (rank-independent fields), oldest first; the
+        newest ``history`` of them when nobody pops."""
         records = self._hvdb_engine.records
         out = []
         while records:
@@ -223,17 +273,25 @@ class _BackupOptimizer(torch.optim.Optimizer):
         self._hvdb_base.load_state_dict(self, state_dict)
 
     def close(self) -> None:
-        """Stop the protocol's threads and free its MPI resources. Collective: every rank calls it after its
-        last ``step()`` (``with`` does it too)."""
+        """Leave (like ``torch.distributed.algorithms.Join``): this rank contributes zeros to every step until
+        every rank has closed, and the others go on, with fewer than N - b when that is all there is. Returns
+        on every rank together, with the final parameters and optimizer state; then frees the MPI resources.
+        ``with`` calls it too; an exception leaving the ``with`` block is announced to the other ranks."""
         if self._hvdb_closed:
             return
         self._hvdb_closed = True
         engine = self._hvdb_engine
-        engine.stop()
-        engine.free()
+        try:
+            engine.stop()
+            engine.free()
+        finally:
+            lifecycle.unregister(self)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, exc, tb):
+        if exc is not None:
+            lifecycle.announce(exc)
+            return
         self.close()

@@ -56,6 +56,7 @@ class StepRecord:
     staleness: int | None = None  # asynchronous SGD only: updates that landed between this one's read and write
     quorum: int = 0  # k = N - b in force for this step
     rank_step_s: tuple[float, ...] = ()  # per rank, the duration of its previous step (for choosing b)
+    skipped: bool = False  # GradScaler: the summed gradient was not finite, so no rank applied an update
 
     @property
     def mean_loss(self) -> float | None:

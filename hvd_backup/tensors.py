@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import numbers
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 
 import torch
 
@@ -53,20 +53,26 @@ class Hyper:
         return out
 
     def apply(self, groups, values) -> None:
+        """Set the groups' values; a tensor is filled in place, an integer stays one only if the value is whole
+        (``lr=1`` then 0.5 is 0.5, ``max_iter=20`` stays 20)."""
         for (gi, key, i), value in zip(self.fields, values):
             group = groups[gi]
-            if i is not None:
-                items = list(group[key])
-                items[i] = type(items[i])(value)
-                group[key] = tuple(items)
-            elif isinstance(group[key], torch.Tensor):
-                group[key].fill_(value)
+            old = group[key] if i is None else group[key][i]
+            if isinstance(old, torch.Tensor):
+                old.fill_(value)
+                continue
+            new = int(value) if isinstance(old, numbers.Integral) and float(value).is_integer() else value
+            if i is None:
+                group[key] = new
             else:
-                group[key] = type(group[key])(value)
+                items = list(group[key])
+                items[i] = new
+                group[key] = tuple(items)
 
 
-def copy_state(src_opt, dst_opt, pairs) -> None:
-    """Make ``dst_opt``'s parameters and state equal to ``src_opt``'s; ``pairs`` maps src to dst params."""
+def copy_state(src_opt, dst_opt, pairs, *, groups: bool = True) -> None:
+    """Make ``dst_opt``'s parameters and state (and, with ``groups``, its groups' settings) equal to
+    ``src_opt``'s; ``pairs`` maps src to dst params."""
     with torch.no_grad():
         for sp, dp in pairs:
             dp.copy_(sp)
@@ -87,6 +93,8 @@ def copy_state(src_opt, dst_opt, pairs) -> None:
                     d_state[key] = copy.deepcopy(value)
             for key in [k for k in d_state if k not in s_state]:
                 del d_state[key]
+    if not groups:
+        return
     for sg, dg in zip(src_opt.param_groups, dst_opt.param_groups):
         for key, value in sg.items():
             if key != "params":
@@ -94,26 +102,35 @@ def copy_state(src_opt, dst_opt, pairs) -> None:
 
 
 class Consensus:
-    """The tensors the protocol moves: flat gradient buffers, the live optimizer and the consensus copy."""
+    """The tensors the protocol moves (:class:`hvd_backup.protocol.TensorSide`): the flat gradient buffers, the
+    live optimizer, and the consensus copy.
 
-    def __init__(self, opt, base, names):
+    The layout holds every parameter that requires a gradient when wrapped, and the frozen ones of the same
+    dtype and device, so ``requires_grad`` may change later: a parameter for which no included rank had a
+    gradient gets none, and the update skips it, as plain torch does.
+    """
+
+    def __init__(self, opt, base, names, *, sparse_as_dense: bool = False):
         self.opt, self.base = opt, base
+        self.sparse_as_dense = sparse_as_dense
         self.all_params = [p for g in opt.param_groups for p in g["params"]]
-        self.params = [p for p in self.all_params if p.requires_grad]
-        self.names = [names.get(p, f"param[{i}]") for i, p in enumerate(self.params)]
-        if not self.params:
+        trained = [p for p in self.all_params if p.requires_grad]
+        if not trained:
             raise ValueError("hvd_backup: the optimizer has no parameters that require gradients")
-        dtypes = {p.dtype for p in self.params}
-        devices = {p.device for p in self.params}
+        dtypes = {p.dtype for p in trained}
+        devices = {p.device for p in trained}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
             raise ValueError(f"hvd_backup: all parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
         if len(devices) != 1:
             raise ValueError(f"hvd_backup: all parameters must be on one device, got {sorted(map(str, devices))}")
         self.dtype, self.device = dtypes.pop(), devices.pop()
+        self.params = [p for p in self.all_params if p.dtype == self.dtype and p.device == self.device]
+        self._in_layout = {id(p) for p in self.params}
+        self.names = [names.get(p, f"param[{i}]") for i, p in enumerate(self.params)]
         self.numel = sum(p.numel() for p in self.params)
-        # Last element: the count of included contributions, reduced with the gradients.
-        self.send = torch.zeros(self.numel + 1, dtype=self.dtype, device=self.device)
+        self.send = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         self.zeros = torch.zeros_like(self.send)
+        self.present = torch.zeros(len(self.params), dtype=torch.float64)  # per parameter: this rank has a grad
         self._send_views = self.views(self.send)
         self.hyper = Hyper(opt.param_groups)
         self.shadow = None
@@ -124,26 +141,50 @@ class Consensus:
     def signature(self) -> str:
         return f"{self.dtype}:" + ",".join("x".join(map(str, p.shape)) for p in self.params)
 
-    def flatten(self) -> None:
-        """Copy the local gradients into ``send`` (training thread)."""
+    def check_unchanged(self) -> None:
+        """Raise ``ValueError`` if the optimizer's parameters are no longer the wrapped ones (``add_param_group``
+        after wrapping), or one outside the layout now requires a gradient."""
+        now = [p for g in self.opt.param_groups for p in g["params"]]
+        if len(now) != len(self.all_params) or any(a is not b for a, b in zip(now, self.all_params)):
+            raise ValueError("hvd_backup: the optimizer's parameters changed after DistributedOptimizer(...) "
+                             "(add_param_group?): add every parameter group before wrapping, or close() this "
+                             "optimizer and wrap the new one")
+        for p in now:
+            if p.requires_grad and id(p) not in self._in_layout:
+                raise ValueError(f"hvd_backup: a {p.dtype} parameter on {p.device} now requires a gradient, but "
+                                 f"the optimizer reduces {self.dtype} on {self.device}: wrap it in its own optimizer")
+
+    def flatten(self, inv_scale: torch.Tensor | None = None) -> None:
+        """Copy the local gradients into ``send`` and note which parameters have one (training thread);
+        ``inv_scale`` unscales them (a GradScaler's 1 / scale)."""
         views, grads = [], []
         with torch.no_grad():
-            for p, view, name in zip(self.params, self._send_views, self.names):
-                if p.grad is None:
+            for i, (p, view, name) in enumerate(zip(self.params, self._send_views, self.names)):
+                grad = p.grad
+                self.present[i] = 0.0 if grad is None else 1.0
+                if grad is None:
                     view.zero_()
-                elif p.grad.is_sparse:
-                    raise ValueError(f"hvd_backup: parameter {name} has a sparse gradient; only dense ones are supported")
-                elif p.grad.data_ptr() != view.data_ptr():  # a gradient accumulated in place already is there
+                    continue
+                if grad.is_sparse:
+                    if not self.sparse_as_dense:
+                        raise ValueError(f"hvd_backup: parameter {name} has a sparse gradient: pass "
+                                         "sparse_as_dense=True to reduce it as a dense one")
+                    grad = grad.to_dense()
+                if grad.data_ptr() != view.data_ptr():  # a gradient accumulated in place already is there
                     views.append(view)
-                    grads.append(p.grad)
+                    grads.append(grad)
             if views:
                 torch._foreach_copy_(views, grads)
+            if inv_scale is not None:
+                self.send.mul_(inv_scale.to(self.send.device))
 
-    def _apply(self, opt, params, flat, hyper) -> None:
+    def _apply(self, opt, params, flat, hyper, present, skip: bool) -> None:
         # The gradients become views of the reduced buffer: no copy. (For the live parameters that buffer is
         # then the training thread's `send`, which this thread does not touch until the next submission.)
-        for p, view in zip(params, self.views(flat)):
-            p.grad = view
+        for p, view, has in zip(params, self.views(flat), present.tolist()):
+            p.grad = view if has else None
+        if skip:
+            return
         self.hyper.apply(opt.param_groups, hyper)
         self.base.step(opt)
 
@@ -153,15 +194,15 @@ class Consensus:
     def consensus_params(self):
         return [p for g in self.shadow.param_groups for p in g["params"]]
 
-    def apply_live(self, flat, hyper) -> None:
+    def apply_live(self, flat, hyper, present, *, skip: bool = False) -> None:
         if flat is not self.send:  # the result is in `zeros`: it becomes the training thread's buffer
             self.send, self.zeros = self.zeros, self.send
             self._send_views = self.views(self.send)
-        self._apply(self.opt, self.params, flat, hyper)
+        self._apply(self.opt, self.params, flat, hyper, present, skip)
 
-    def apply_consensus(self, flat, hyper) -> None:
-        shadow_params = [p for g in self.shadow.param_groups for p in g["params"] if p.requires_grad]
-        self._apply(self.shadow, shadow_params, flat, hyper)
+    def apply_consensus(self, flat, hyper, present, *, skip: bool = False) -> None:
+        shadow = {id(p): s for p, s in self._shadow_pairs()}
+        self._apply(self.shadow, [shadow[id(p)] for p in self.params], flat, hyper, present, skip)
 
     def _shadow_pairs(self):
         return list(zip(self.all_params, (p for g in self.shadow.param_groups for p in g["params"])))
@@ -174,8 +215,9 @@ class Consensus:
             copy_state(self.opt, self.shadow, self._shadow_pairs())
 
     def restore_live(self) -> None:
-        """Live := consensus (catch-up)."""
-        copy_state(self.shadow, self.opt, [(s, p) for p, s in self._shadow_pairs()])
+        """Live := consensus (catch-up): parameters and optimizer state. The groups' settings stay this rank's
+        own, where its learning-rate schedule keeps them (each step applies the first arriver's anyway)."""
+        copy_state(self.shadow, self.opt, [(s, p) for p, s in self._shadow_pairs()], groups=False)
 
     def _make_shadow(self):
         base = self.base
@@ -184,8 +226,10 @@ class Consensus:
         shadow.__dict__.update({k: v for k, v in self.opt.__dict__.items() if not k.startswith("_hvdb_")})
         shadow.param_groups = [dict(g, params=[clones[p] for p in g["params"]]) for g in self.opt.param_groups]
         shadow.state = defaultdict(dict)
+        # The same step hooks as the live optimizer (they get the optimizer they run for: clipping, clamping,
+        # EMA apply to whichever copy is being updated).
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
-            if hasattr(shadow, name):
-                setattr(shadow, name, OrderedDict())
+            if hasattr(self.opt, name):
+                setattr(shadow, name, getattr(self.opt, name))
         copy_state(self.opt, shadow, list(clones.items()))
         return shadow

@@ -1,7 +1,8 @@
 """The arrival counter: per-step MPI one-sided counters that decide who is in a step.
 
-One window, hosted on ``root``, holds a ring of ``slots`` 64-bit counter words, and per rank a progress mark
-(the last step it contributed to) and a heartbeat (milliseconds on a clock the caller chooses).
+One window, hosted on ``root``, holds a ring of ``slots`` 64-bit counter words; per rank a progress mark (the
+last step it contributed to) and a heartbeat (milliseconds on a clock the caller chooses); and a failure word
+with, per rank, room for a one-line message (:meth:`fail`, :meth:`failed`).
 Step ``t`` uses word ``t % slots``. A word's value packs three counts::
 
     value = arrivals + CLOSE * closes + STOP * stops
@@ -10,11 +11,11 @@ and every operation on it is a single atomic ``MPI_Fetch_and_op``, so the order 
 *is* the order of the step:
 
 * ``arrive(t)`` adds 1 and returns the value before it. With a quorum of ``k``, the arrival is included
-  exactly when that value is ``< k``: one comparison covers "one of the first k" and "not after a close",
-  because a close adds ``CLOSE > k``.
-* ``close(t)`` adds ``CLOSE``: every later arrival sees a value ``>= CLOSE`` and is excluded, so a timeout
-  close is atomic with the arrivals and every rank agrees on who was in.
-* ``stop(t)`` adds ``STOP``: used to shut down together (all ranks stopped at the same step).
+  exactly when that value, decoded, shows fewer than ``k`` arrivals and no close.
+* ``close(t)`` adds ``CLOSE``: every later arrival sees the close and is excluded, so a timeout close is atomic
+  with the arrivals and every rank agrees on who was in.
+* ``stop(t)`` adds ``STOP``: a rank that has left its training loop says so at every step from then on, so a step
+  is complete once every rank either arrived or left, and all ranks stop at the first step that every rank left.
 
 A word is reset to zero by ``reset(t)`` before its reuse ``slots`` steps later; the caller must only reset a
 word once no rank can still touch it (the optimizer resets ``t - 1`` after step ``t``'s allreduce completed on
@@ -50,6 +51,23 @@ class WordState:
     closes: int
     stops: int
 
+    def admits(self, quorum: int) -> bool:
+        """Whether an arrival that saw this value is included: one of the first ``quorum``, and no close."""
+        return self.arrivals < quorum and self.closes == 0
+
+    def complete(self, quorum: int, size: int) -> bool:
+        """Whether the step takes no more arrivals: ``quorum`` arrived, it was closed, or every rank that has not
+        left arrived (and at least one did)."""
+        return (self.arrivals >= quorum or self.closes > 0
+                or (self.arrivals > 0 and self.arrivals + self.stops >= size))
+
+    def everyone_left(self, size: int) -> bool:
+        """Whether every rank left (stopped) at this step without any arriving."""
+        return self.arrivals == 0 and self.stops >= size
+
+
+_MESSAGE_WORDS = 32  # 256 bytes of message per rank
+
 
 class ArrivalCounter:
     """Per-step arrival counters and per-rank progress records in one RMA window.
@@ -75,7 +93,9 @@ class ArrivalCounter:
         self.size = size
         self._comm = comm.Dup()
         self.rank = self._comm.Get_rank()
-        words = self.slots + 2 * size
+        self._failed_at = self.slots + 2 * size  # the failure word: 0, or 1 + the first failed rank
+        self._messages_at = self._failed_at + 1
+        words = self._messages_at + _MESSAGE_WORDS * size
         itemsize = _INT64.Get_size()
         try:
             self._win = MPI.Win.Allocate(words * itemsize if self.rank == root else 0, itemsize, comm=self._comm)
@@ -163,6 +183,32 @@ class ArrivalCounter:
     def progress(self) -> None:
         """Let MPI make progress (serves other ranks' one-sided operations where the transport needs it)."""
         self._comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
+
+    # --- failures ---------------------------------------------------------------------------------------------
+
+    def fail(self, message: str) -> None:
+        """Record that this rank failed, with a one-line ``message`` (cut to 255 bytes) that :meth:`failed` shows
+        the others. Of several failed ranks they see the highest-numbered (an atomic maximum: Open MPI 4.1's
+        compare-and-swap on a shared-memory window crashes)."""
+        raw = message.encode("utf-8", "replace")[:8 * _MESSAGE_WORDS - 1]
+        buf = np.zeros(_MESSAGE_WORDS, dtype=np.int64)
+        buf.view(np.uint8)[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        self._win.Put([buf, _INT64], self.root, target=(self._messages_at + _MESSAGE_WORDS * self.rank,
+                                                         _MESSAGE_WORDS, _INT64))
+        self._win.Flush(self.root)  # the message is there before the word names this rank
+        self._fetch_and_op(self.rank + 1, self._failed_at, MPI.MAX)
+
+    def failed(self) -> tuple[int, str] | None:
+        """``(rank, message)`` of a rank that called :meth:`fail`, or ``None``."""
+        who = self._fetch_and_op(0, self._failed_at, MPI.NO_OP)
+        if who == 0:
+            return None
+        rank = who - 1
+        buf = np.zeros(_MESSAGE_WORDS, dtype=np.int64)
+        self._win.Get([buf, _INT64], self.root, target=(self._messages_at + _MESSAGE_WORDS * rank,
+                                                        _MESSAGE_WORDS, _INT64))
+        self._win.Flush(self.root)
+        return rank, buf.tobytes().split(b"\0", 1)[0].decode("utf-8", "replace")
 
     # --- lifetime --------------------------------------------------------------------------------------------
 

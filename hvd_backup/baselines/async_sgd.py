@@ -42,6 +42,7 @@ class AsyncOptimizer(LoopOptimizer):
         self.numel = sum(p.numel() for p in self.params)
         self.flat = torch.zeros(self.numel, dtype=self.params[0].dtype)  # this rank's copy, on the CPU
         self.momentum = torch.zeros_like(self.flat)
+        self._ignored = torch.zeros_like(self.flat)  # the origin of a read (Open MPI wants one of full size)
         itemsize = self.flat.element_size()
         # Window on the root: the parameters; a second one-word window numbers the updates.
         self.win = MPI.Win.Allocate(self.numel * itemsize if self.rank == root else 0, itemsize, comm=self.comm)
@@ -78,10 +79,13 @@ class AsyncOptimizer(LoopOptimizer):
         self._pull()
 
     def _pull(self) -> None:
-        """Read the current parameters (and their version) into the model."""
-        self._read_version = self._version()
-        self.win.Get([self.flat.numpy(), self.dtype], self.root)
+        """Read the current parameters (and their version) into the model. The read is an accumulate with
+        ``MPI_NO_OP``, atomic per element with the other ranks' ``MPI_Accumulate`` (a plain ``MPI_Get`` is not);
+        the version is read after it, so an update counts as seen once it could be in what was read."""
+        self.win.Get_accumulate([self._ignored.numpy(), self.dtype], [self.flat.numpy(), self.dtype], self.root,
+                                op=MPI.NO_OP)
         self.win.Flush(self.root)
+        self._read_version = self._version()
         with torch.no_grad():
             for p, v in zip(self.params, flat_views(self.params, self.flat)):
                 p.copy_(v)
@@ -119,10 +123,15 @@ class AsyncOptimizer(LoopOptimizer):
             self.stop_requested = True
 
     def state_dict(self):
-        return {"state": {}, "param_groups": [], "hvd_backup": {"global_step": self.global_step, "mode": "async"}}
+        """The global step and this rank's momentum (rank 0's is what a checkpoint keeps)."""
+        return {"state": {}, "param_groups": [], "hvd_backup": {"global_step": self.global_step, "mode": "async",
+                                                                "momentum": self.momentum.clone()}}
 
     def load_state_dict(self, state):
-        self.global_step = int(state.get("hvd_backup", {}).get("global_step", 0))
+        extra = state.get("hvd_backup", {})
+        self.global_step = int(extra.get("global_step", 0))
+        if "momentum" in extra:
+            self.momentum.copy_(extra["momentum"])
 
     def close(self) -> None:
         """Collective: wait for every rank's last update, then give every rank the final parameters."""

@@ -4,19 +4,21 @@ Every global step ``t``, on every one of the N ranks, with quorum ``k = N - b``:
 
 1. **Arrive** (:mod:`.arrive`). When this rank's gradient for step ``t`` is ready (computed on the parameters of
    version ``t``), the communication thread arrives with ONE atomic fetch-and-add on step ``t``'s counter word
-   (:class:`mpi_tools.ArrivalCounter`). An arrival that saw a value ``< k`` is included.
+   (:class:`mpi_tools.ArrivalCounter`). An arrival that saw fewer than ``k`` arrivals and no close is included.
 2. **Close** (:mod:`.arrive`; the timeout close in :mod:`.contribute`). The step closes when ``k`` ranks have
    arrived or, with ``straggler_timeout``, when the step's first arriver closes it that many seconds after its own
    arrival, once ``min_workers`` have arrived. The close is a fetch-and-add on the same word, so it is atomic with
    the arrivals and all ranks agree on who was in. A rank whose gradient is not ready learns that its step closed
-   by polling the word.
+   by polling the word. A rank that has left its loop (``close()``) adds a stop to every step's word instead;
+   a step also closes once every rank that has not left arrived. Step 0 waits for every rank (start-up).
 3. **Contribute** (:mod:`.contribute`). Every rank posts the step's nonblocking allreduce: included ranks their
-   gradients and a count of 1 in the buffer's last element, all others zeros. A slow rank's thread posts its zeros
+   gradients, all others zeros. A slow rank's thread posts its zeros
    while its training thread is still busy, so the others never wait for its gradient. A small float64 allreduce
-   beside it carries per-rank arrival records and the first arriver's hyper-parameters (learning rate, momentum,
-   ...).
-4. **Reweight** (:mod:`.reweight`, then :mod:`.apply`). The reduced buffer holds the sum of the included gradients
-   and their count; every rank divides by the count, takes the first arriver's hyper-parameters and applies the
+   beside it carries per-rank arrival records and statuses (their sum is the included count, exact in float64),
+   the first arriver's hyper-parameters (learning rate, momentum, ...) and, per parameter, how many included ranks
+   had a gradient for it.
+4. **Reweight** (:mod:`.reweight`, then :mod:`.apply`). The reduced buffer holds the sum of the included gradients;
+   every rank divides by their count, takes the first arriver's hyper-parameters and applies the
    identical update: to the live parameters when its training thread is waiting for this step, else to a consensus
    copy. Parameters stay bit-identical on all ranks.
 5. **Catch up** (:mod:`.apply`). A gradient computed on parameters older than the current step is dropped; the
@@ -27,7 +29,9 @@ Every global step ``t``, on every one of the N ranks, with quorum ``k = N - b``:
    touch word ``t - 1``, and the reset is ordered before any arrival of step ``t - 1 + slots``.
 7. **Never hang** (:mod:`.watchdog`). A watchdog fails a step that is not complete within ``hang_timeout`` with an
    error naming the step and the ranks that never contributed (from per-rank marks in the counter window), raises
-   it in the training thread, and aborts the job if the process is still alive shortly after.
+   it in the training thread, and aborts the job if the process is still alive shortly after. A rank whose script
+   failed says so in the window's failure word; the others raise ``RankFailedError`` within about a second
+   (:mod:`hvd_backup.lifecycle` handles the way out of the process).
 
 The engine's needs from the tensors and from the allreduce are the two protocols in :mod:`.interface`;
 :mod:`.adaptive` re-chooses b for ``backup_workers="auto"``.

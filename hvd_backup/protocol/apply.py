@@ -13,13 +13,14 @@ from .state import StepState, Submission
 __all__ = ["apply", "catch_up"]
 
 
-def apply(eng, st: StepState, buf, hyper, record: StepRecord, included: bool) -> None:
-    """Apply step ``st.t``'s update; answer a training thread waiting for this step (or catch it up)."""
+def apply(eng, st: StepState, buf, hyper, present, record: StepRecord) -> None:
+    """Apply step ``st.t``'s update (none when the step was ``skipped``); answer a training thread waiting for
+    this step (or catch it up)."""
     side, t = eng.side, st.t
     with eng._cond:
         pending = eng._pending if eng._pending is not None and eng._pending.reply is None else None
     if pending is not None and pending.version == t:
-        side.apply_live(buf, hyper)
+        side.apply_live(buf, hyper, present, skip=record.skipped)
         eng.version = t + 1
         _snapshot(eng, t + 1, side.live_params())
     else:
@@ -28,24 +29,24 @@ def apply(eng, st: StepState, buf, hyper, record: StepRecord, included: bool) ->
                 raise ProtocolError(f"step {t}: neither live ({eng.version}) nor consensus "
                                     f"({eng.consensus_version}) parameters are at this step")
             side.sync_consensus()
-        side.apply_consensus(buf, hyper)
+        side.apply_consensus(buf, hyper, present, skip=record.skipped)
         eng.consensus_version = t + 1
         _snapshot(eng, t + 1, side.consensus_params())
-        if eng.max_lag is not None and t + 1 - eng.version > eng.max_lag:
-            raise ProtocolError(
-                f"rank {eng.rank}: its training thread is {t + 1 - eng.version} steps behind at step {t}, "
-                f"more than max_lag={eng.max_lag}"
-            )
+        behind = t + 1 - eng.version
+        if eng.max_lag is not None and behind > eng.max_lag and not eng._stopping:
+            raise ProtocolError(f"rank {eng.rank}: its training thread is {behind} steps behind at step {t}, "
+                                f"more than max_lag={eng.max_lag}")
     if record.stop_requested:
         eng.stop_requested = True
     eng._last_record = record
     eng.records.append(record)
+    eng._covered.append(record.skipped)
     if eng.auto is not None:
         b = eng.auto.observe(record)
         if b is not None:
             eng.quorum = eng.size - b
     if pending is not None and pending.version == t:
-        eng.reply(pending, record, Status.INCLUDED if included else Status.DROPPED)
+        eng.reply(pending, record, Status.INCLUDED if st.included else Status.DROPPED)
     elif pending is not None:  # a stale gradient handed in while the step ran
         catch_up(eng, pending)
 

@@ -1,5 +1,5 @@
 """Steps 1 and 2 of :mod:`hvd_backup.protocol`: arrive at a step with this rank's gradient, or learn that the
-step closed without it."""
+step closed without it; a rank that has left its loop (``close()``) says so at every step instead."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ __all__ = ["await_turn"]
 
 def await_turn(eng, st: StepState) -> Turn:
     """Run on the communication thread until this rank's part in step ``st.t`` is decided: arrive with the
-    gradient the training thread handed in (one fetch-and-add on the step's counter word) or see the word
-    closed; catch up a gradient that is already stale on the way."""
-    k, t = eng.quorum, st.t
+    gradient the training thread handed in (one fetch-and-add on the step's counter word) or see the step
+    complete without it; catch up a gradient that is already stale on the way."""
+    k, t, n = eng.step_quorum(), st.t, eng.size
     backoff = Backoff(20e-6, eng.poll_cap)
-    stopped_here = False
+    left_here = False
     while True:
         with eng._cond:
             if eng._rebase_to is not None:
@@ -39,19 +39,20 @@ def await_turn(eng, st: StepState) -> Turn:
             st.submission = sub
             eng._busy_since = time.monotonic()
             tic = time.perf_counter()
-            st.order = eng.counter.arrive(t)
+            seen = ArrivalCounter.decode(eng.counter.arrive(t))
             st.arrived_at = eng.clock.now()
             eng.timings.add("arrive", time.perf_counter() - tic)
+            st.order, st.included = seen.arrivals, seen.admits(k)
             return Turn.ARRIVED
-        if eng._stopping and not stopped_here:
+        if eng._stopping and not left_here:
             eng._busy_since = time.monotonic()
             eng.counter.stop(t)
-            stopped_here = True
+            left_here = True
         word = ArrivalCounter.decode(eng.counter.peek(t))
-        if word.arrivals >= k or word.closes:
+        if word.complete(k, n):
             st.closed_seen_at = eng.clock.now()
             return Turn.CLOSED
-        if word.stops == eng.size:
+        if word.everyone_left(n):
             return Turn.STOPPED
         eng.tend()
         with eng._cond:

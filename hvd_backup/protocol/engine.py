@@ -13,7 +13,7 @@ import torch
 
 from mpi_tools import ArrivalCounter, ClockSync
 
-from ..errors import report
+from ..errors import RankFailedError, report
 from ..records import Status, StepRecord, Timings
 from .apply import apply, catch_up
 from .arrive import await_turn
@@ -45,10 +45,14 @@ class StepEngine:
         hang_timeout: float,
         max_lag: int | None,
         hyper_len: int,
+        startup_timeout: float | None = None,
+        name: str = "hvd_backup",
+        op: str = "average",
+        predivide: float = 1.0,
         slots: int = 4,
         poll_cap: float | None = None,
         abort_grace: float = 5.0,
-        history: int = 100_000,
+        history: int = 1024,
     ):
         self.side = side
         self.backend = backend
@@ -58,18 +62,25 @@ class StepEngine:
         self.straggler_timeout = straggler_timeout
         self.min_workers = min_workers
         self.hang_timeout = hang_timeout
+        self.startup_timeout = startup_timeout if startup_timeout is not None else hang_timeout
         self.max_lag = max_lag
+        self.name, self.op, self.predivide = name, op, predivide
+        # The first step after a start waits for every rank (no backup workers, no timeout close): until every
+        # rank has handed in once, some may still be setting their parameters (a broadcast after wrapping).
+        self.warm = False
         # Waiting ranks poll the counter's host: at most every 0.5 ms, less often on large jobs so that the host
         # serves about 500k polls per second at the most, whatever N.
         self.poll_cap = poll_cap if poll_cap is not None else max(5e-4, 2e-6 * self.size)
         self.clock = ClockSync(comm=comm)
         self.counter = ArrivalCounter(slots, comm=comm, root=0)
-        self._meta = torch.zeros(Meta.BLOCKS * self.size + hyper_len, dtype=torch.float64)
+        self.layout = Meta(self.size, hyper_len, len(side.present))
+        self._meta = torch.zeros(self.layout.length, dtype=torch.float64)
         self.snapshot_every: int | None = None
         self._snapshots: dict[int, list[torch.Tensor]] = {}
         self.stop_requested = False
         self._stop_wanted = False
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=history)  # users pop these
+        self._covered: list[bool] = []  # steps applied since the last reply to the training thread (skipped?)
         self._last_record: StepRecord | None = None  # the latest applied step's (a catch-up's answer)
         self.auto = None  # an AutoBackup when backup_workers="auto"
         self._stale_compute: float | None = None
@@ -92,6 +103,10 @@ class StepEngine:
         self._thread: threading.Thread | None = None
         self._beat_every = min(1.0, hang_timeout / 4)
         self._last_beat = 0.0
+        self._failure_check_every = 0.1
+        self._last_failure_check = 0.0
+        self._to_announce: str | None = None  # this rank's failure, for the communication thread to publish
+        self._announced = threading.Event()
         self.watchdog = Watchdog(self, abort_grace=abort_grace)
 
     # --- training-thread side ------------------------------------------------------------------------------
@@ -106,10 +121,16 @@ class StepEngine:
         self._thread.start()
         self.watchdog.start()
 
-    def submit(self, hyper: list[float], compute_s: float, loss: float | None = None) -> StepRecord:
+    def step_quorum(self) -> int:
+        """k for the step being decided: N - b, or N for the first step after a start."""
+        return self.quorum if self.warm else self.size
+
+    def submit(self, hyper: list[float], compute_s: float, loss: float | None = None,
+               amp: bool = False) -> Submission:
         """Hand in the gradient now in ``side.send`` (computed on version ``self.version``); block until this
-        rank's parameters are updated; return the step's record. Raises the thread's error, if any."""
-        sub = Submission(self.version, hyper, compute_s, time.monotonic(), loss)
+        rank's parameters are updated; return the hand-in with its ``reply`` (the step's record) and the steps
+        it ``covered``. Raises the thread's error, if any."""
+        sub = Submission(self.version, hyper, compute_s, time.monotonic(), loss, amp)
         with self._cond:
             self._raise_if_failed()
             self._submitted = True
@@ -118,7 +139,7 @@ class StepEngine:
             while sub.reply is None:
                 self._raise_if_failed()
                 self._cond.wait(0.5)
-        return sub.reply
+        return sub
 
     def request_stop(self) -> None:
         """Ask every rank to stop after the next step this rank takes part in (safe in a signal handler)."""
@@ -145,7 +166,9 @@ class StepEngine:
             raise self._error
 
     def stop(self) -> None:
-        """Stop together with the other ranks (all must call it after their last step); joins the threads."""
+        """Leave: from now on this rank contributes zeros to every step, until every rank has left; then its
+        parameters and optimizer state become the final ones. Joins the threads. Blocks while other ranks
+        are alive and still training (however long), not while one is silent (``HangError``)."""
         if self._thread is None:
             return
         with self._cond:
@@ -156,6 +179,23 @@ class StepEngine:
                 self._cond.wait(0.5)
         self._thread.join()
         self._raise_if_failed()
+        if self.consensus_version > self.version:  # steps ran after this rank's last one: take them
+            self.side.restore_live()
+            self.version = self.consensus_version
+
+    def announce_failure(self, message: str, wait: float = 2.0) -> None:
+        """Tell the other ranks that this rank failed (they raise ``RankFailedError`` within about a second).
+        Safe from any thread; the one-sided operation runs on the communication thread while it is alive."""
+        if self._announced.is_set() or self._to_announce is not None:
+            return
+        if self._thread is not None and self._thread.is_alive():
+            self._to_announce = message
+            self._announced.wait(wait)
+        else:
+            try:
+                self.counter.fail(message)
+            finally:
+                self._announced.set()
 
     def free(self) -> None:
         """Release the counter window and the backend (collective); call after :meth:`stop` on every rank."""
@@ -176,19 +216,22 @@ class StepEngine:
                     break  # every rank stopped
                 if turn is Turn.REBASED:
                     continue
-                buf, included = contribute(self, st)  # step 3
+                buf = contribute(self, st)  # step 3
                 tic = time.perf_counter()
-                record, hyper = reweight(self, st, buf)  # step 4
+                record, hyper, present = reweight(self, st, buf)  # step 4
                 self.timings.add("reduce", time.perf_counter() - tic)
                 tic = time.perf_counter()
-                apply(self, st, buf, hyper, record, included)  # steps 4-5
+                apply(self, st, buf, hyper, present, record)  # steps 4-5
                 self.timings.add("apply", time.perf_counter() - tic)
+                self.warm = True
                 self._busy_since = None
                 if self.rank == self.counter.root and st.t > 0:
                     self.counter.reset(st.t - 1)  # step 6
                 self.step = st.t + 1
         except BaseException as exc:  # noqa: BLE001 - the training thread re-raises it
             self.fail(exc)
+            if self._to_announce is not None and not self._announced.is_set():
+                self._publish_failure()
         finally:
             self._current = None
             self._finished.set()
@@ -208,6 +251,7 @@ class StepEngine:
         wait = time.monotonic() - sub.submitted_at
         reply = dataclasses.replace(record, status=status, wait_s=wait)
         with self._cond:
+            sub.covered, self._covered = self._covered, []
             sub.reply = reply
             if self._pending is sub:
                 self._pending = None
@@ -223,10 +267,26 @@ class StepEngine:
 
     def tend(self) -> None:
         """The communication thread's chores between polls: MPI progress (the counter's host serves the others'
-        one-sided operations), this rank's heartbeat, and reading the counter when the watchdog asks."""
+        one-sided operations), this rank's heartbeat, publishing this rank's failure, noticing another's (raises
+        ``RankFailedError``), and reading the counter when the watchdog asks."""
         self.counter.progress()
         now = time.monotonic()
         if now - self._last_beat >= self._beat_every:
             self._last_beat = now
             self.counter.beat(int(1e3 * self.clock.now()))
+        if self._to_announce is not None and not self._announced.is_set():
+            self._publish_failure()
+        if now - self._last_failure_check >= self._failure_check_every:
+            self._last_failure_check = now
+            found = self.counter.failed()
+            if found is not None and found[0] != self.rank:
+                rank, cause = found
+                raise RankFailedError(f"rank {rank} failed: {cause}" if cause else f"rank {rank} failed",
+                                      rank=rank, cause=cause)
         self.watchdog.serve()
+
+    def _publish_failure(self) -> None:
+        try:
+            self.counter.fail(self._to_announce)
+        finally:
+            self._announced.set()

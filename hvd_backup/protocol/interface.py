@@ -17,13 +17,17 @@ class TensorSide(Protocol):
     """
 
     device: torch.device
-    send: torch.Tensor  # the training thread's flat gradient buffer, P + 1 long (the last element: the count)
+    send: torch.Tensor  # the training thread's flat gradient buffer, one element per parameter element
     zeros: torch.Tensor  # the same shape, owned by the communication thread (what a rank not included sends)
+    present: torch.Tensor  # float64, per parameter: 1 where this rank's gradient in `send` has one
 
-    def apply_live(self, flat: torch.Tensor, hyper: list[float]) -> None:
-        """Apply the reduced, reweighted ``flat`` to the live parameters with the step's hyper-parameters."""
+    def apply_live(self, flat: torch.Tensor, hyper: list[float], present: torch.Tensor, *,
+                   skip: bool = False) -> None:
+        """Apply the reduced, reweighted ``flat`` to the live parameters with the step's hyper-parameters; a
+        parameter not ``present`` gets no gradient; ``skip``: set the gradients, apply no update."""
 
-    def apply_consensus(self, flat: torch.Tensor, hyper: list[float]) -> None:
+    def apply_consensus(self, flat: torch.Tensor, hyper: list[float], present: torch.Tensor, *,
+                        skip: bool = False) -> None:
         """The same update, on the consensus copy (this rank's training thread is behind)."""
 
     def sync_consensus(self) -> None:
@@ -45,8 +49,9 @@ class Backend(Protocol):
     name: str
     comm: Any  # the mpi4py communicator whose ranks are the backend's ranks
 
-    def start(self, tensor: torch.Tensor, name: str) -> Any:
-        """Post the sum of ``tensor`` over all ranks, in place; return a handle."""
+    def start(self, tensor: torch.Tensor, name: str, compress: bool = False) -> Any:
+        """Post the sum of ``tensor`` over all ranks, in place (``compress``: in the backend's compressed form,
+        for gradients); return a handle."""
 
     def done(self, handle: Any) -> bool:
         """Whether the sum has completed (never blocks)."""

@@ -22,13 +22,24 @@ class Turn(enum.Enum):
 
 
 class Meta:
-    """The float64 metadata allreduce: per-rank blocks of N values, then the first arriver's hyper-parameters.
-    Ranks write only their own column, so the sum is everyone's values."""
+    """The float64 metadata allreduce: per-rank blocks of N values (each rank writes only its own column, so the
+    sum is everyone's values); then the first arriver's hyper-parameters and flags; then, per parameter, how
+    many included ranks had a gradient for it. Float64 counts are exact for any number of ranks."""
 
-    ARRIVAL, STATUS, COMPUTE, LOSS, STOP, DURATION = range(6)
-    BLOCKS = 6
+    ARRIVAL, STATUS, COMPUTE, LOSS, STOP, DURATION, LEFT = range(7)
+    BLOCKS = 7
     # Arrival status codes.
     ABSENT, LATE, IN = 0.0, 1.0, 2.0
+    # Flags after the hyper-parameters.
+    AMP = 0
+    FLAGS = 1
+
+    def __init__(self, size: int, hyper_len: int, params: int):
+        self.size, self.hyper_len, self.params = size, hyper_len, params
+        self.hyper_at = self.BLOCKS * size
+        self.flags_at = self.hyper_at + hyper_len
+        self.present_at = self.flags_at + self.FLAGS
+        self.length = self.present_at + params
 
 
 @dataclass(eq=False)
@@ -40,8 +51,10 @@ class Submission:
     compute_s: float
     submitted_at: float
     loss: float | None = None
+    amp: bool = False  # the gradient was unscaled by a GradScaler: a non-finite sum skips the update
     arrived: bool = False
     reply: StepRecord | None = None
+    covered: list[bool] | None = None  # per global step applied since the previous reply: was it skipped?
 
 
 @dataclass
@@ -50,6 +63,7 @@ class StepState:
 
     t: int
     order: int | None = None  # this rank's arrival order, None if it did not arrive
+    included: bool = False  # its arrival was among the first N - b, before any close
     arrived_at: float = math.nan
     closed_seen_at: float = math.nan
     submission: Submission | None = None

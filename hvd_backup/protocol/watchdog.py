@@ -4,14 +4,12 @@ in the counter window), and takes the job down if the process is still alive sho
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
 
-from mpi4py import MPI
-
 from ..errors import HangError
+from ..lifecycle import abort
 
 __all__ = ["Watchdog"]
 
@@ -45,10 +43,13 @@ class Watchdog:
             st, since = eng._current, eng._busy_since
             if eng._error is not None:
                 break
-            if st is not None and since is not None and time.monotonic() - since > eng.hang_timeout:
-                self._ask.set()
-                self._answered.wait(min(15.0, eng.hang_timeout + 5))
-                eng.fail(self._hang_error(st))
+            limit = eng.hang_timeout if eng.warm else eng.startup_timeout
+            if st is not None and since is not None and time.monotonic() - since > limit:
+                error = self._diagnose(st, limit)
+                if error is None:  # waiting in close() for ranks that are alive and still training
+                    eng._busy_since = time.monotonic()
+                    continue
+                eng.fail(error)
                 break
             eng._finished.wait(min(1.0, eng._beat_every))
         if eng._error is not None:
@@ -57,20 +58,33 @@ class Watchdog:
             time.sleep(self.abort_grace)
             print(f"hvd_backup: rank {eng.rank}: aborting the job after: {eng._error}", file=sys.stderr,
                   flush=True)
-            MPI.COMM_WORLD.Abort(1)
-            os._exit(1)
+            abort(eng.backend.comm)
 
-    def _hang_error(self, st) -> HangError:
-        """Name the ranks that never posted this step, or that posted it and then went silent (killed, frozen)."""
+    def _diagnose(self, st, limit: float) -> HangError | None:
+        """Ask the communication thread for the marks and heartbeats; the error to fail with, or ``None`` when
+        this rank only waits in ``close()`` and every other rank still beats."""
+        self._answered.clear()
+        self._ask.set()
+        self._answered.wait(min(15.0, limit + 5))
+        self._ask.clear()
+        error, silent = self._hang_error(st, limit)
+        if self.eng._stopping and self._answered.is_set() and self._diagnosis is not None and not silent:
+            return None
+        return error
+
+    def _hang_error(self, st, limit: float) -> tuple[HangError, dict]:
+        """Name the ranks that never posted this step, or that posted it and then went silent (killed, frozen);
+        with the silent ranks and for how long."""
         eng = self.eng
+        what = "hang_timeout" if eng.warm else "startup_timeout"
         if not self._answered.is_set():
-            return HangError(f"step {st.t}: did not complete within hang_timeout={eng.hang_timeout:g}s, and this "
-                             f"rank's communication thread is blocked inside MPI (the counter host rank "
-                             f"{eng.counter.root} may be stuck or gone)")
+            return HangError(f"step {st.t}: did not complete within {what}={limit:g}s, and this rank's "
+                             f"communication thread is blocked inside MPI (the counter host rank "
+                             f"{eng.counter.root} may be stuck or gone)"), {}
         found = self._diagnosis
         if found is None:
             return HangError(f"step {st.t}: the counter host rank {eng.counter.root} did not answer (it is stuck "
-                             f"or gone) and the step did not complete within hang_timeout={eng.hang_timeout:g}s")
+                             f"or gone) and the step did not complete within {what}={limit:g}s"), {}
         marks, beats = found
         now_ms = 1e3 * eng.clock.now()
         silent_for = {r: (now_ms - b) / 1e3 for r, b in enumerate(beats)
@@ -80,5 +94,8 @@ class Watchdog:
         if silent_for:
             quiet = ", ".join(f"rank {r} for {s:.0f}s" for r, s in sorted(silent_for.items()))
             detail = f" (no heartbeat from {quiet})"
-        return HangError(f"step {st.t}: ranks {culprits} did not contribute within "
-                         f"hang_timeout={eng.hang_timeout:g}s{detail}")
+        if eng._stopping:
+            culprits = sorted(silent_for)
+        return HangError(f"step {st.t}: ranks {culprits} did not contribute within {what}={limit:g}s{detail}"), \
+            silent_for
+

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+import time
 import traceback
 
 from .console import EXIT_USAGE, print0
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
-    from ..errors import HangError, ProtocolError, UserError, agree, report, same_on_every_rank
+    from .. import lifecycle
+    from ..errors import HangError, ProtocolError, RankFailedError, UserError, agree, report, same_on_every_rank
 
     try:
         from .config import parse_args
@@ -45,16 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print0(rank, f"hvd-backup-train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (HangError, ProtocolError) as exc:
+    except (HangError, ProtocolError, RankFailedError) as exc:
         # One line per live rank (the protocol's thread may have printed it already); then take every rank down.
         report(exc, rank)
-        comm.Abort(1)
+        lifecycle.abort(comm)
     except SystemExit:
         raise
-    except BaseException:
+    except BaseException as exc:  # noqa: BLE001 - this rank's own failure: its traceback, then the others learn it
         traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
+        lifecycle.announce(exc)
+        time.sleep(lifecycle.GRACE_S)
+        lifecycle.abort(comm)
     return 1
 
 

@@ -125,6 +125,8 @@ class TrainConfig:
         except ValueError:
             raise ConfigError(f"--lr-step-epochs {self.lr_step_epochs!r}: must be numbers separated by commas") from None
         self._check_optimizer_settings(size=None)
+        need(not (self.verify_every and self.mode == "async"),
+             "--verify-every: not with --mode async, whose ranks hold different parameters by design")
         need(not (self.checkpoint_every and not self.checkpoint_dir), "--checkpoint-every needs --checkpoint-dir")
         need(not (self.resume == "latest" and not self.checkpoint_dir),
              "--resume without a path needs --checkpoint-dir to find the latest checkpoint")

@@ -1,0 +1,93 @@
+"""How a process that uses the protocol ends, whatever its script does: an uncaught exception is announced to the
+other ranks (they raise ``RankFailedError`` within about a second) and the process exits non-zero without
+waiting in ``MPI_Finalize`` for peers that may be gone; a clean exit closes the optimizers still open.
+
+Python runs these handlers before it stops its daemon threads and before MPI is finalized, so they work where
+the protocol's own threads no longer can.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+import weakref
+
+from .errors import report
+
+__all__ = ["abort", "announce", "register", "unregister"]
+
+_live = weakref.WeakSet()  # optimizers not closed yet
+_state = {"installed": False, "failed": False}
+GRACE_S = 1.5  # a failed rank lingers this long after announcing, so the others print the cause first
+
+
+def register(opt) -> None:
+    """Track ``opt`` (a ``DistributedOptimizer``) until it is closed; install the handlers once."""
+    _live.add(opt)
+    if _state["installed"]:
+        return
+    _state["installed"] = True
+    previous = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        previous(kind, value, tb)  # the real cause first, with its traceback
+        announce(value)
+
+    sys.excepthook = excepthook
+    atexit.register(_at_exit)
+
+
+def unregister(opt) -> None:
+    _live.discard(opt)
+
+
+def announce(exc: BaseException) -> None:
+    """Tell every other rank that this one failed with ``exc`` (not for errors that only relay another rank's
+    failure or a hang: every rank sees those by itself)."""
+    from .errors import HangError, RankFailedError
+
+    if isinstance(exc, (HangError, RankFailedError)):
+        return
+    _state["failed"] = True
+    message = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+    for opt in list(_live):
+        opt._hvdb_engine.announce_failure(message)
+
+
+def _failed() -> bool:
+    return _state["failed"] or any(opt._hvdb_engine._error is not None for opt in list(_live))
+
+
+def _exit_now(linger: float) -> None:
+    time.sleep(linger)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _at_exit() -> None:
+    if _failed():
+        _exit_now(GRACE_S if _state["failed"] else 0.0)
+    for opt in list(_live):
+        try:
+            opt.close()
+        except BaseException as exc:  # noqa: BLE001 - a hang or a peer's failure at exit: end, do not finalize
+            report(exc, opt.rank)
+            _exit_now(0.0)
+
+
+def abort(comm) -> None:
+    """End every rank of the job: ``MPI_Abort`` on ``comm``, and this process in any case a few seconds later
+    (an abort can block where the network to the launcher is gone)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    last_resort = threading.Timer(5.0, os._exit, (1,))
+    last_resort.daemon = True
+    last_resort.start()
+    try:
+        comm.Abort(1)
+    finally:
+        os._exit(1)
