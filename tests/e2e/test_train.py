@@ -18,7 +18,7 @@ def test_digits_reaches_95_percent_with_a_slow_rank(tmp_path, np_):
     assert s["final_top1"] >= 0.95, s
     steps = [r for r in read_metrics(metrics) if r["type"] == "step"]
     assert [r["step"] for r in steps] == list(range(s["steps"]))
-    assert all(r["count"] == np_ - 1 for r in steps)
+    assert all(r["count"] == np_ - 1 for r in steps[1:])  # step 0 waits for every rank
     assert s["dropped_counts"][slow] >= 0.8 * s["steps"], s["dropped_counts"]
     assert "step       0 | loss" in proc.stdout  # the fixed-format line
 
