@@ -11,7 +11,7 @@ export HVD_BACKUP_TEST_TIMEOUT ?= 240
 export HVD_BACKUP_JUNIT_DIR ?= reports
 MPI_PYTEST := $(PY) -m mpi4py -m pytest tests/mpi -q --color=no -p no:cacheprovider --capture=sys
 
-.PHONY: setup demo test test-unit test-mpi test-horovodrun test-train test-faults test-slurm bench clean
+.PHONY: setup demo test test-unit test-mpi test-conformance test-horovodrun test-train test-faults test-slurm bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml scripts/setup.sh scripts/build_horovod.sh
 demo: setup
 	$(PY) -m hvd_backup.train.demo
 
-test: setup test-unit test-mpi test-horovodrun test-train test-faults test-slurm
+test: setup test-unit test-mpi test-conformance test-horovodrun test-train test-faults test-slurm
 
 test-unit: setup
 	$(PY) -m pytest tests/unit -q --color=no
@@ -32,6 +32,15 @@ test-mpi: setup
 	HVD_BACKUP_RUN_TAG=np2 $(LAUNCH) -np 2 --timeout 600 -- $(MPI_PYTEST)
 	HVD_BACKUP_RUN_TAG=np4 $(LAUNCH) -np 4 --timeout 600 -- $(MPI_PYTEST)
 	HVD_BACKUP_RUN_TAG=np4-noshm $(LAUNCH) -np 4 --no-shm --timeout 600 -- $(MPI_PYTEST)
+
+# Users' own training loops through the public API (tests/conformance), on 2 and 4 ranks and both backends;
+# then, one job each, the idioms whose failure takes a job down and the failure idioms (a rank raises, freezes).
+CONFORMANCE := $(PY) -m mpi4py -m pytest tests/conformance --ignore=tests/conformance/jobs -q --color=no \
+	-p no:cacheprovider --capture=sys
+test-conformance: setup
+	HVD_BACKUP_TEST_TIMEOUT=120 HVD_BACKUP_RUN_TAG=conformance-np2 $(LAUNCH) -np 2 --timeout 900 -- $(CONFORMANCE)
+	HVD_BACKUP_TEST_TIMEOUT=120 HVD_BACKUP_RUN_TAG=conformance-np4 $(LAUNCH) -np 4 --timeout 900 -- $(CONFORMANCE)
+	$(PY) -m pytest tests/conformance/jobs -q --color=no -rA --junitxml=reports/conformance-jobs.xml
 
 # One run through Horovod's own launcher.
 test-horovodrun: setup

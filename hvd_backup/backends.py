@@ -42,6 +42,8 @@ class HorovodBackend:
     def start(self, tensor: torch.Tensor, name: str, compress: bool = False):
         sent, ctx = (self.compression.compress(tensor) if compress and self.compression is not None
                      else (tensor, None))
+        if sent.dtype == torch.bfloat16:  # Horovod's CPU allreduce refuses bfloat16: sum in float32
+            sent, ctx = sent.float(), None
         return self.hvd.allreduce_async_(sent, name=name, op=self.hvd.Sum), tensor, sent, ctx
 
     def done(self, handle) -> bool:
@@ -52,7 +54,7 @@ class HorovodBackend:
         request, tensor, sent, ctx = handle
         self.hvd.synchronize(request)
         if sent is not tensor:
-            tensor.copy_(self.compression.decompress(sent, ctx))
+            tensor.copy_(sent if ctx is None else self.compression.decompress(sent, ctx))
 
     def free(self) -> None:
         pass  # Horovod's own state outlives the optimizer (hvd.shutdown() is the user's)
@@ -66,7 +68,8 @@ class _MPIHandle:
 
 
 class MPIBackend:
-    """``MPI_Iallreduce`` through mpi4py on a private duplicate of ``comm``; GPU tensors are staged on the host."""
+    """``MPI_Iallreduce`` through mpi4py on a private duplicate of ``comm``; GPU tensors are staged on the host,
+    16-bit ones (which MPI cannot sum) in float32."""
 
     name = "mpi"
 
@@ -74,14 +77,14 @@ class MPIBackend:
         self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
 
     def start(self, tensor: torch.Tensor, name: str, compress: bool = False):
-        if tensor.dtype not in MPI_TYPES:
-            raise TypeError(
-                f"hvd_backup: backend='mpi' reduces float32 or float64 tensors, got {tensor.dtype}; "
-                "use backend='horovod' for other types"
-            )
-        staged = tensor.cpu() if tensor.device.type != "cpu" else None
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            staged = tensor.float().cpu()
+        elif tensor.dtype not in MPI_TYPES:
+            raise TypeError(f"hvd_backup: backend='mpi' reduces floating tensors, got {tensor.dtype}")
+        else:
+            staged = tensor.cpu() if tensor.device.type != "cpu" else None
         host = staged if staged is not None else tensor
-        request = self.comm.Iallreduce(MPI.IN_PLACE, [host.numpy(), MPI_TYPES[tensor.dtype]], op=MPI.SUM)
+        request = self.comm.Iallreduce(MPI.IN_PLACE, [host.numpy(), MPI_TYPES[host.dtype]], op=MPI.SUM)
         return _MPIHandle(request, tensor, staged)
 
     def done(self, handle: _MPIHandle) -> bool:

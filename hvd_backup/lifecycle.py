@@ -62,7 +62,12 @@ def _failed() -> bool:
 
 
 def _exit_now(linger: float) -> None:
+    """Take the job down: ``MPI_Abort``, so the launcher ends every rank (also one that is frozen), and this
+    process in any case (see :func:`abort`)."""
     time.sleep(linger)
+    opts = list(_live)
+    if opts:
+        abort(opts[0]._hvdb_comm)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)

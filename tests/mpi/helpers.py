@@ -45,16 +45,21 @@ def train_until(opt, model, steps, injector: StragglerInjector | None = None, ba
     return mine
 
 
+def _bytes(tensor) -> bytes:
+    # Through uint8, so that dtypes numpy lacks (bfloat16) hash too.
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def state_digest(model, opt) -> str:
     """A hash of every parameter and optimizer-state tensor (bit-exact comparison across ranks)."""
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(p.detach().cpu().numpy().tobytes())
+        h.update(_bytes(p))
     for p in model.parameters():
         for key, value in sorted(opt.state.get(p, {}).items()):
             if torch.is_tensor(value):
                 h.update(key.encode())
-                h.update(value.detach().cpu().numpy().tobytes())
+                h.update(_bytes(value))
     return h.hexdigest()
 
 
