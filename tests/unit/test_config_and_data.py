@@ -26,6 +26,7 @@ def test_defaults_train_digits():
     (["--resume"], "--resume without a path needs --checkpoint-dir"),
     (["--channels-last", "--mode", "sync"], "--channels-last: not with --mode sync on --backend horovod"),
     (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
+    (["--mode", "async", "--verify-every", "10"], "--verify-every: not with --mode async"),
 ])
 def test_bad_flags(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
