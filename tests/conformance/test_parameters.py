@@ -78,12 +78,16 @@ def test_add_param_group_after_wrapping_is_a_clear_error(comm, backend):
 
 
 def test_an_int_learning_rate_changed_by_hand(comm, backend):
-    """``lr=1`` (an int), set to 0.5 by hand from step SWITCH on: 0.5 is what every rank applies and reads."""
+    """``lr=1`` (an int), set to 0.5 by hand from step SWITCH on: every step from SWITCH applies 0.5 on every
+    rank (the consensus copy too, whose own lr is still the int 1), and a rank reads back what its own loop set.
+    A rank that catches up past the last step never runs its loop at SWITCH or later: its groups keep its own
+    lr (the documented rule: a catch-up restores parameters and state, not the groups' settings)."""
     rank, size = comm.Get_rank(), comm.Get_size()
     model = make_model()
-    lagged = []
+    lagged, halved = [], []
 
     def halve():
+        halved.append(True)
         for group in opt.param_groups:
             group["lr"] = 0.5
 
@@ -96,9 +100,10 @@ def test_an_int_learning_rate_changed_by_hand(comm, backend):
 
     with wrap(torch.optim.SGD(model.parameters(), lr=1), model, backend) as opt:
         statuses = train(comm, model, opt, at_switch=halve, every_step=lag_across_the_switch)
-        lrs = comm.allgather(opt.param_groups[0]["lr"])
+        lrs = comm.allgather((opt.param_groups[0]["lr"], bool(halved)))
     assert_identical(comm, model, opt, statuses=statuses)
-    assert lrs == [0.5] * len(lrs)
+    assert lrs == [(0.5, True) if h else (1, False) for _, h in lrs], lrs
+    assert all(type(lr) is int for lr, h in lrs if not h), lrs
 
 
 def test_broadcast_after_wrapping(comm, backend):
