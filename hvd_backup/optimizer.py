@@ -108,9 +108,13 @@ class _BackupOptimizer(torch.optim.Optimizer):
         self.__dict__.update({k: v for k, v in optimizer.__dict__.items() if k != "step"})
         base = type(self).__mro__[2]
         comm = comm if comm is not None else MPI.COMM_WORLD
-        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-            raise RuntimeError("hvd_backup: MPI was initialised without MPI_THREAD_MULTIPLE, which the protocol's "
-                               "thread needs: let mpi4py initialise MPI (import mpi4py.MPI before horovod)")
+        level = MPI.Query_thread()
+        if level < MPI.THREAD_MULTIPLE:
+            names = {MPI.THREAD_SINGLE: "SINGLE", MPI.THREAD_FUNNELED: "FUNNELED", MPI.THREAD_SERIALIZED: "SERIALIZED"}
+            raise RuntimeError(f"hvd_backup: MPI was initialised with MPI_THREAD_{names.get(level, level)}, but the "
+                               "protocol's thread needs MPI_THREAD_MULTIPLE: let mpi4py initialise MPI (import "
+                               "mpi4py.MPI before horovod, and no mpi4py.rc.thread_level or MPI4PY_RC_THREAD_LEVEL "
+                               "below 'multiple')")
         names = {p: n for n, p in named_parameters} if named_parameters is not None else {}
         options = resolve(backend=values["backend"], **horovod)
         consensus = Consensus(self, base, names, sparse_as_dense=options.sparse_as_dense)

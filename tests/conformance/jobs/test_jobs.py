@@ -23,7 +23,7 @@ def run(tmp_path, np_, case, *, within, **options):
     the job to end. Returns (exit code, seconds from the event to the end, {rank: its output lines})."""
     argv = [sys.executable, "-m", "tests.conformance.jobs.script", "--case", case]
     for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     wrapped = ["sh", "-c", '"$@"; code=$?; echo "EXIT $code"; exit $code', "sh", *argv]
     log = tmp_path / "log"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -72,6 +72,34 @@ def test_an_exception_on_one_rank_ends_every_rank_within_seconds(tmp_path, np_, 
         if rank != victim:
             theirs = "\n".join(lines[rank])
             assert re.search(rf"RankFailedError: .*\branks? \[?{victim}\b", theirs), f"rank {rank}:\n{theirs}"
+
+
+def test_a_failure_on_a_given_communicator_aborts_through_it(tmp_path):
+    """Two independent jobs on ``comm=`` halves of the world; rank 1 of the second pair (world rank 3) raises.
+    Its pair names it by its rank in the communicator the user gave, and the library aborts through that
+    communicator, not ``MPI.COMM_WORLD`` (Open MPI 4 then ends the whole job all the same, as it documents)."""
+    code, took, lines = run(tmp_path, 4, "raise", within=60, backup_workers=0, hang_timeout=60, pairs=True)
+    assert code != 124, f"the job was still running {took:.0f}s after the exception"
+    assert exits(lines).get(2, 1) != 0 and exits(lines).get(3, 1) != 0, f"exits {exits(lines)}"
+    assert re.search(r"RankFailedError: .*\brank 1\b", "\n".join(lines[2])), "\n".join(lines[2])
+    everything = (tmp_path / "log").read_text()
+    assert re.search(r"MPI_ABORT was invoked on rank \d+ in communicator MPI COMMUNICATOR \d+ SPLIT", everything), \
+        everything[-3000:]
+
+
+def test_mpi_without_thread_multiple_is_a_clear_error_on_every_rank(tmp_path):
+    """MPI initialised below MPI_THREAD_MULTIPLE (mpi4py's rc setting) ends every rank with a one-line error
+    that names the level, instead of a crash inside MPI later."""
+    env = dict(os.environ, PYTHONPATH=ROOT, MPI4PY_RC_THREAD_LEVEL="serialized")
+    argv = [sys.executable, "-m", "tests.conformance.jobs.script", "--case", "raise"]
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        code = finish(start(2, argv, env=env, cwd=ROOT, options=("--tag-output",), output=out), 60)
+    lines = by_rank(log.read_text(), 2)
+    assert code not in (0, 124), code
+    for rank in (0, 1):
+        assert any("MPI_THREAD_SERIALIZED" in line and "MPI_THREAD_MULTIPLE" in line for line in lines[rank]), \
+            "\n".join(lines[rank])
 
 
 def test_a_frozen_rank_ends_every_process_after_hang_timeout(tmp_path):
