@@ -98,14 +98,15 @@ def test_1000_steps_of_random_delays_include_exactly_the_quorum(comm, backend):
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_included_ranks_follow_the_injected_order(comm, backend, seed):
-    """Delays 60 ms apart, all ranks starting each step together: the k fastest are exactly the included."""
+    """Delays 150 ms apart (a loaded 2-core machine deschedules a rank for tens of ms), all ranks starting each
+    step together: the k fastest are exactly the included."""
     need_ranks(comm, 2)
     size, rank = comm.Get_size(), comm.Get_rank()
     b = 1
-    steps = 8
+    steps = 6
     gen = torch.Generator().manual_seed(seed)
     perms = [torch.randperm(size, generator=gen).tolist() for _ in range(steps)]
-    delay = {s: 0.06 * perms[s][rank] for s in range(steps)}
+    delay = {s: 0.15 * perms[s][rank] for s in range(steps)}
     model = make_model()
     with make_opt(model, backend, backup_workers=b) as opt:
         mine = []
