@@ -17,18 +17,23 @@ import signal
 import subprocess
 import sys
 
-__all__ = ["finish", "mpirun_command", "mpirun_env", "rank_pids", "run", "start"]
+__all__ = ["finish", "mpirun_command", "mpirun_env", "rank_pids", "ranks_among", "run", "start"]
 
 TIMED_OUT = 124
 
 
 def mpirun_command(np: int, argv: list[str], *, shm: bool = True, tag_output: bool = False,
-                   options: tuple[str, ...] = ()) -> list[str]:
-    """``mpirun`` with this machine's flags; ``options`` are more mpirun options (e.g. ``--mca`` pairs)."""
+                   options: tuple[str, ...] = (), hosts: str | None = None,
+                   wrapper: tuple[str, ...] = ()) -> list[str]:
+    """``mpirun`` with this machine's flags; ``options`` are more mpirun options (e.g. ``--mca`` pairs);
+    ``hosts`` is Open MPI's ``--host`` list (``a:2,b:2``: two slots on each of hosts a and b); ``wrapper`` is
+    a command that mpirun itself runs under (e.g. one entering an emulated host, :mod:`mpi_tools.hosts`)."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise FileNotFoundError("mpirun is not on PATH: run `make setup`, or load your cluster's MPI module")
-    cmd = [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", "none"]
+    cmd = [*wrapper, mpirun, "-np", str(np), "--oversubscribe", "--bind-to", "none"]
+    if hosts:
+        cmd += ["--host", hosts]
     if tag_output:
         cmd.append("--tag-output")
     if not shm:
@@ -47,9 +52,10 @@ def mpirun_env(env: dict | None = None) -> dict:
 
 def run(np: int, argv: list[str], *, timeout: float, shm: bool = True, tag_output: bool = False,
         env: dict | None = None, capture: bool = False, cwd: str | None = None,
-        options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run ``argv`` on ``np`` ranks; kill the whole job after ``timeout`` seconds (returncode 124)."""
-    cmd = mpirun_command(np, argv, shm=shm, tag_output=tag_output, options=options)
+        **placement) -> subprocess.CompletedProcess:
+    """Run ``argv`` on ``np`` ranks; kill the whole job after ``timeout`` seconds (returncode 124).
+    ``placement``: ``options``, ``hosts`` and ``wrapper`` of :func:`mpirun_command`."""
+    cmd = mpirun_command(np, argv, shm=shm, tag_output=tag_output, **placement)
     return run_with_deadline(cmd, timeout=timeout, env=mpirun_env(env), capture=capture, cwd=cwd)
 
 
@@ -102,9 +108,10 @@ def run_with_deadline(cmd: list[str], *, timeout: float, env: dict | None = None
 
 
 def start(np: int, argv: list[str], *, shm: bool = True, env: dict | None = None, cwd: str | None = None,
-          options: tuple[str, ...] = (), output=None) -> subprocess.Popen:
-    """Start ``argv`` on ``np`` ranks without waiting, in its own session (``finish`` ends it)."""
-    cmd = mpirun_command(np, argv, shm=shm, options=options)
+          output=None, **placement) -> subprocess.Popen:
+    """Start ``argv`` on ``np`` ranks without waiting, in its own session (``finish`` ends it).
+    ``placement``: ``options``, ``hosts`` and ``wrapper`` of :func:`mpirun_command`."""
+    cmd = mpirun_command(np, argv, shm=shm, **placement)
     return subprocess.Popen(cmd, env=mpirun_env(env), cwd=cwd, stdout=output, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -122,16 +129,23 @@ def finish(proc: subprocess.Popen, timeout: float) -> int:
 
 
 def rank_pids(proc: subprocess.Popen) -> dict[int, int]:
-    """``{rank: pid}`` of a job from :func:`start` (read from /proc: each rank's ``OMPI_COMM_WORLD_RANK``)."""
+    """``{rank: pid}`` of a job from :func:`start` (ranks started on this machine in its session)."""
+    return ranks_among(_session(proc.pid))
+
+
+def ranks_among(pids) -> dict[int, int]:
+    """``{rank: pid}`` of the MPI ranks among ``pids`` (read from /proc: each rank's ``OMPI_COMM_WORLD_RANK``,
+    or ``PMIX_RANK`` when srun started it)."""
     found = {}
-    for pid in _session(proc.pid):
+    for pid in pids:
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
         except OSError:
             continue
-        if b"OMPI_COMM_WORLD_RANK" in env:
-            found[int(env[b"OMPI_COMM_WORLD_RANK"])] = pid
+        rank = env.get(b"OMPI_COMM_WORLD_RANK", env.get(b"PMIX_RANK"))
+        if rank is not None:
+            found[int(rank)] = pid
     return found
 
 

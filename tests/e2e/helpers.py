@@ -17,18 +17,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def launch(np_: int, args: list[str], *, timeout: float = 240, shm: bool = True, env: dict | None = None,
-           program: list[str] | None = None):
-    """Run the trainer (or ``program``) on ``np_`` ranks; returns a CompletedProcess with ``stdout`` captured."""
+           program: list[str] | None = None, **placement):
+    """Run the trainer (or ``program``) on ``np_`` ranks; returns a CompletedProcess with ``stdout`` captured.
+    ``placement``: mpirun's ``options``, ``hosts`` and ``wrapper`` (see :func:`mpi_tools.launch.mpirun_command`)."""
     full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     full_env.update(env or {})
-    return run(np_, (program or TRAIN) + list(args), timeout=timeout, shm=shm, env=full_env, capture=True, cwd=ROOT)
+    return run(np_, (program or TRAIN) + list(args), timeout=timeout, shm=shm, env=full_env, capture=True, cwd=ROOT,
+               **placement)
 
 
-def background(np_: int, args: list[str], log_path, *, options: tuple[str, ...] = ()):
+def background(np_: int, args: list[str], log_path, **placement):
     """Start the trainer on ``np_`` ranks without waiting; its output goes to ``log_path``."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
     log = open(log_path, "w")
-    return start(np_, TRAIN + list(args), env=env, cwd=ROOT, options=options, output=log)
+    return start(np_, TRAIN + list(args), env=env, cwd=ROOT, output=log, **placement)
 
 
 def wait_until(predicate, proc, timeout: float, what: str) -> None:
