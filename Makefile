@@ -11,7 +11,7 @@ export HVD_BACKUP_TEST_TIMEOUT ?= 240
 export HVD_BACKUP_JUNIT_DIR ?= reports
 MPI_PYTEST := $(PY) -m mpi4py -m pytest tests/mpi -q --color=no -p no:cacheprovider --capture=sys
 
-.PHONY: setup demo test test-unit test-mpi test-conformance test-horovodrun test-train test-faults test-slurm bench clean
+.PHONY: setup demo test test-unit test-mpi test-conformance test-horovodrun test-train test-faults test-slurm test-multihost bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml scripts/setup.sh scripts/build_horovod.sh
 demo: setup
 	$(PY) -m hvd_backup.train.demo
 
-test: setup test-unit test-mpi test-conformance test-horovodrun test-train test-faults test-slurm
+test: setup test-unit test-mpi test-conformance test-horovodrun test-train test-faults test-slurm test-multihost
 
 test-unit: setup
 	$(PY) -m pytest tests/unit -q --color=no
@@ -57,6 +57,11 @@ test-faults: setup
 # The batch templates on a real local Slurm (installed with apt when missing; daemons stopped afterwards).
 test-slurm: setup
 	$(PY) -m pytest tests/slurm -q --color=no -rA
+
+# Launchers (mpirun --host, horovodrun -H, Slurm) and faults (cut links, a lost host, a slow link) across emulated
+# hosts: network namespaces on a bridge, made and removed by the tests (needs root; see mpi_tools/hosts.py).
+test-multihost: setup
+	$(PY) -m pytest tests/multihost -q --color=no -rA --junitxml=reports/multihost.xml
 
 bench: setup
 	$(PY) -m hvd_backup.bench

@@ -5,6 +5,9 @@ Four nodes, ``n[1-4]``, each with its own slurmd on this machine (``slurmd -N``)
 GPU node (96 CPUs, 8 GPUs as a GRES backed by dummy files; ``SlurmdParameters=config_overrides`` makes Slurm
 believe the configuration): ``sbatch --test-only`` checks the templates' full-size directives, and tiny jobs
 really run, on one or several "nodes", all on this machine.
+
+Given emulated hosts (:mod:`mpi_tools.hosts`), the nodes are those hosts instead, each slurmd on its own
+(NodeName, NodeHostname and NodeAddr are the host's), and slurmctld and the commands run on a head host.
 """
 
 from __future__ import annotations
@@ -37,35 +40,45 @@ def _free_port() -> int:
 class LocalSlurm:
     """Start with :meth:`start`, submit with :meth:`sbatch`, stop with :meth:`stop` (PIDs we started only)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, nodes=None, head=None):
+        """``nodes`` and ``head``: emulated hosts (``mpi_tools.hosts.Host``) for the slurmds and the controller;
+        by default four nodes on this machine."""
         self.root = root
-        self.host = socket.gethostname().split(".")[0]
+        self.host = head.name if head else socket.gethostname().split(".")[0]
         self.conf = os.path.join(root, "slurm.conf")
         self.env = dict(os.environ, SLURM_CONF=self.conf)
         self.pids: dict[str, int] = {}
+        self.nodes = {h.name: h for h in nodes} if nodes else dict.fromkeys(f"n{i}" for i in range(1, 5))
+        self.head = head
 
-    NODES = [f"n{i}" for i in range(1, 5)]
+    def _on(self, node) -> list[str]:
+        """The command prefix that runs a program on ``node`` (an emulated host) or here."""
+        return node.enter() if node is not None else []
 
     def write_config(self) -> None:
         r = self.root
-        for node in self.NODES:
+        for node in self.nodes:
             os.makedirs(os.path.join(r, "spool", node), exist_ok=True)
+            os.makedirs(os.path.join(r, "tmp", node), exist_ok=True)
         os.makedirs(os.path.join(r, "state"), exist_ok=True)
         for i in range(8):
             open(os.path.join(r, f"gpu{i}"), "a").close()
         port = _free_port()
         nodes = "".join(
-            f"NodeName={node} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs=96 "
-            f"RealMemory=500000 Gres=gpu:8\n" for node in self.NODES)
+            f"NodeName={name} NodeHostname={host.name if host else self.host} "
+            f"NodeAddr={host.address if host else '127.0.0.1'} Port={_free_port()} CPUs=96 "
+            f"RealMemory=500000 Gres=gpu:8\n" for name, host in self.nodes.items())
+        controller = f"{self.host}({self.head.address})" if self.head else self.host
         with open(self.conf, "w") as f:
             f.write(f"""ClusterName=hvdbackup
-SlurmctldHost={self.host}
+SlurmctldHost={controller}
 SlurmUser=root
 SlurmctldPort={port}
 AuthType=auth/munge
 AuthInfo=cred_expire=10
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
+TmpFS={r}/tmp/%n
 SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/slurmctld.log
@@ -79,7 +92,7 @@ GresTypes=gpu
 MpiDefault=none
 JobRequeue=1
 ReturnToService=2
-{nodes}PartitionName=debug Nodes=n[1-4] Default=YES MaxTime=INFINITE State=UP
+{nodes}PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
         with open(os.path.join(r, "gres.conf"), "w") as f:
             f.write(f"Name=gpu File={r}/gpu[0-7]\n")
@@ -95,15 +108,14 @@ ReturnToService=2
         if subprocess.run(["pgrep", "-x", "munged"], stdout=subprocess.DEVNULL).returncode != 0:
             os.makedirs("/run/munge", exist_ok=True)
             self._daemon("munged", ["munged", "--foreground", "--force"])
-        self._daemon("slurmctld", ["slurmctld", "-D", "-f", self.conf])
-        for node in self.NODES:
-            self._daemon(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", self.conf])
+        self._daemon("slurmctld", self._on(self.head) + ["slurmctld", "-D", "-f", self.conf])
+        for name, host in self.nodes.items():
+            self._daemon(f"slurmd-{name}", self._on(host) + ["slurmd", "-D", "-N", name, "-f", self.conf])
         deadline = time.monotonic() + timeout
         states = ""
         while time.monotonic() < deadline:
-            states = subprocess.run(["sinfo", "-h", "-o", "%T %D"], env=self.env, capture_output=True,
-                                    text=True).stdout.strip()
-            if states == f"idle {len(self.NODES)}":
+            states = self.run(["sinfo", "-h", "-o", "%T %D"]).stdout.strip()
+            if states == f"idle {len(self.nodes)}":
                 return
             time.sleep(0.5)
         raise RuntimeError(f"the local Slurm nodes did not become idle ({states!r}); see {self.root}/*.log")
@@ -125,5 +137,6 @@ ReturnToService=2
         self.pids.clear()
 
     def run(self, argv: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, env={**self.env, **kw.pop("env", {})}, capture_output=True, text=True,
-                              timeout=timeout, **kw)
+        """Run a Slurm command (on the head host, when there is one)."""
+        return subprocess.run(self._on(self.head) + argv, env={**self.env, **kw.pop("env", {})},
+                              capture_output=True, text=True, timeout=timeout, **kw)

@@ -1,0 +1,212 @@
+"""What a cluster's network and nodes do to a job, on 2 emulated hosts with 2 ranks each (rank 0, the counter's
+host, and mpirun on h1): a host's link cut (a partition) on either side, a whole host lost at once, and a
+rate-limited link.
+
+For a lost link or host the requirement is: every rank on both sides exits within a stated time, with an error
+that names the missing ranks or their host, nothing is left running on any host (the cut-off side must notice on
+its own: its launcher cannot reach it either), and the last checkpoint loads. Two layers answer for it:
+
+* Open MPI's runtime (mpirun and its daemons) notices a silent peer only from TCP keepalives on its own
+  connections, by default after 300 s + 9 x 20 s of silence, and only on a connection with nothing to send;
+  with :data:`KEEPALIVE` (what the README advises) it ends the whole job within seconds of a partition.
+* Without it, only hvd_backup's watchdog can end the ranks (``hang_timeout``), and mpirun and the daemon on the
+  far side stay until TCP gives up on their unacknowledged data (about 15 minutes).
+
+Each case prints what it measured (seconds from the fault to each rank's end, what was left running)."""
+
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from hvd_backup.checkpoint import latest_checkpoint, load_checkpoint
+from mpi_tools.hosts import slots
+from mpi_tools.launch import finish
+from tests.e2e.helpers import background, last_step, read_metrics, wait_until
+from tests.multihost.conftest import JOB_DEADLINE, OSC, SPEC
+
+HANG = 10
+MARGIN = 30  # after hang_timeout: the watchdog's wait for a diagnosis (up to 15 s), the abort, slack for load
+# Open MPI's daemons give up on a peer after 2 s of silence and 3 unanswered probes 1 s apart: about 5 s.
+KEEPALIVE = ("--mca", "oob_tcp_keepalive_time", "2", "--mca", "oob_tcp_keepalive_intvl", "1",
+             "--mca", "oob_tcp_keepalive_probes", "3")
+DIGITS = {"arch": "digits_cnn", "dataset": "digits", "num_classes": 10}
+FOREVER = ["--epochs", "10000"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class Outcome:
+    """What one fault did: seconds from the fault to each rank's end (None: still running when the watch
+    ended), mpirun's exit code and time, what ran on each host then, each rank's stderr and all output."""
+
+    exits: dict[int, float | None]
+    where: dict[int, str]
+    mpirun: tuple[int | None, float | None]
+    clean: float | None  # when nothing was left on any host
+    left: dict[str, list[str]]
+    stderr: dict[int, str]
+    output: str
+    checkpoint: str | None = None
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def table(self) -> str:
+        ranks = ", ".join(f"rank {r}@{self.where[r]} " + (f"{t:.1f}s" if t is not None else "running")
+                          for r, t in sorted(self.exits.items()))
+        code, took = self.mpirun
+        left = {h: [line.split()[1] for line in lines] for h, lines in self.left.items()}
+        return (f"{ranks}; mpirun " + (f"exit {code} after {took:.1f}s" if took is not None else "running")
+                + (f"; all hosts empty after {self.clean:.1f}s" if self.clean is not None else
+                   f"; left running: {left}"))
+
+
+@pytest.fixture
+def note(request, record_testsuite_property):
+    """Print a measurement and keep it in the JUnit report (pytest does not show an expected failure's output)."""
+    def note(text: str) -> None:
+        print(text)
+        record_testsuite_property(request.node.name, text)
+
+    return note
+
+
+def strike(hosts, tmp_path, note, fault, *, watch: float, options=()) -> Outcome:
+    """Train on 4 ranks across h1 and h2 until step 8 and a checkpoint, call ``fault()``, then watch every
+    rank and mpirun for up to ``watch`` seconds. Whatever is left is killed by the ``hosts`` fixture. What it
+    measured is printed and kept in the JUnit report (also for an expected failure, whose output pytest hides)."""
+    m, ck, ranks_out = tmp_path / "m.jsonl", tmp_path / "ck", tmp_path / "ranks"
+    args = ["--backend", "mpi", "--backup-workers", "1", "--hang-timeout", str(HANG), "--checkpoint-dir", str(ck),
+            "--checkpoint-every", "5", "--metrics", str(m), *FOREVER]
+    # Each rank's output also goes to a file on the shared disk, written on its own host: mpirun cannot pass on
+    # what a cut-off host prints.
+    placement = hosts.placement(SPEC, options=(*OSC, "--output-filename", str(ranks_out), *options))
+    proc = background(slots(SPEC), args, tmp_path / "log", **placement)
+    try:
+        wait_until(lambda: last_step(m) >= 8 and latest_checkpoint(str(ck)), proc, JOB_DEADLINE / 2, "step 8")
+        ranks = hosts.ranks()
+        assert sorted(ranks) == [0, 1, 2, 3], ranks
+        fault()
+        struck = time.monotonic()
+        exits: dict[int, float | None] = dict.fromkeys(ranks)
+        took = clean = None
+        while time.monotonic() - struck < watch:
+            now = time.monotonic() - struck
+            exits.update({r: now for r, (_, pid) in ranks.items() if exits[r] is None and not _alive(pid)})
+            if took is None and proc.poll() is not None:
+                took = now
+            if took is not None and None not in exits.values():
+                left = hosts.running()  # Open MPI's daemons go a moment after their ranks
+                if not left:
+                    clean = now
+                    break
+            time.sleep(0.1)
+        left = hosts.running()
+    finally:
+        code = proc.returncode if proc.poll() is not None else finish(proc, 0.1)
+    stderr = {r: p.read_text() for r in ranks if (p := ranks_out / "1" / f"rank.{r}" / "stderr").exists()}
+    outcome = Outcome(exits, {r: h for r, (h, _) in ranks.items()}, (code if took is not None else None, took), clean,
+                      left, stderr, (tmp_path / "log").read_text(), latest_checkpoint(str(ck)))
+    for rank, text in stderr.items():
+        found = re.search(r"hvd_backup: rank \d+: (step \d+: .*?)(?=hvd_backup:|\n|$)", text)
+        if found:
+            outcome.errors[rank] = found.group(1)
+    note(f"{fault.__doc__}: {outcome.table()}")
+    for rank, error in sorted(outcome.errors.items()):
+        note(f"  rank {rank}: {error}")
+    return outcome
+
+
+def _cut(hosts, name):
+    def fault():
+        hosts.cut(name)
+
+    fault.__doc__ = f"{name}'s link cut ({'ranks 0, 1, the counter and mpirun' if name == 'h1' else 'ranks 2, 3'})"
+    return fault
+
+
+def _loaded(outcome: Outcome) -> None:
+    assert outcome.checkpoint and load_checkpoint(outcome.checkpoint, expect=DIGITS)["global_step"] >= 5
+
+
+@pytest.mark.parametrize("cut", ["h2", "h1"])
+def test_a_partition_ends_the_whole_job_when_the_launcher_keeps_alive(hosts, tmp_path, note, cut):
+    outcome = strike(hosts, tmp_path, note, _cut(hosts, cut), watch=HANG + MARGIN, options=KEEPALIVE)
+    limit = 5 + 15  # the keepalives' ~5 s, then slack for this shared machine
+    assert None not in outcome.exits.values() and max(outcome.exits.values()) < limit, outcome.table()
+    assert outcome.mpirun[1] is not None and outcome.mpirun[0] not in (0, None), outcome.table()
+    assert outcome.clean is not None and outcome.clean < limit, outcome.table()
+    # mpirun (on h1) names the host it lost: h2, whichever side was cut.
+    assert re.search(r"lost communication with a remote daemon.*on node h2", outcome.output, re.S), outcome.output
+    _loaded(outcome)
+
+
+@pytest.mark.xfail(strict=True, reason="needs library fixes: (1) the watchdog times a step from the communication "
+                   "thread's arrival (_busy_since), so a rank whose thread is blocked in MPI before arriving "
+                   "(ArrivalCounter.peek in _await_turn) never fails; (2) a rank whose communication thread is "
+                   "blocked in the counter (osc ucx's accumulate lock held by a lost rank) cannot name the missing "
+                   "ranks")
+@pytest.mark.parametrize("cut", ["h2", "h1"])
+def test_a_partition_ends_every_rank_on_its_own_within_hang_timeout(hosts, tmp_path, note, cut):
+    # Open MPI's default keepalives (8 minutes): hvd_backup's watchdog is all that ends the ranks.
+    outcome = strike(hosts, tmp_path, note, _cut(hosts, cut), watch=HANG + MARGIN)
+    assert None not in outcome.exits.values() and max(outcome.exits.values()) < HANG + MARGIN, outcome.table()
+    assert not any("hvd_backup.train" in line for lines in outcome.left.values() for line in lines), outcome.table()
+    side = {"h1": [0, 1], "h2": [2, 3]}
+    for rank, host in outcome.where.items():
+        other = side["h2" if host == "h1" else "h1"]
+        # Each rank names the ranks it lost, or, cut off from rank 0, the counter's host.
+        named = rf"ranks {re.escape(str(other))} did not|counter host rank 0" if 0 in other else \
+            rf"ranks {re.escape(str(other))} did not"
+        assert re.search(named, outcome.errors.get(rank, "")), (rank, outcome.errors, outcome.table())
+    _loaded(outcome)
+
+
+def test_a_lost_host_ends_the_whole_job(hosts, tmp_path, note):
+    def fault():
+        """every process on h2 killed at once (ranks 2, 3 and Open MPI's daemon)"""
+        hosts.kill_all("h2")
+
+    # The lost host's kernel still resets its connections, so mpirun learns of it at once: from the daemon's
+    # connection ("lost communication with a remote daemon ... on node h2") or, when the ssh session to h2 ends
+    # first, as "ORTE was unable to reliably start one or more daemons" (Open MPI's words, misleading here).
+    outcome = strike(hosts, tmp_path, note, fault, watch=HANG + MARGIN)
+    assert None not in outcome.exits.values() and max(outcome.exits.values()) < 15, outcome.table()
+    assert outcome.mpirun[1] is not None and outcome.mpirun[0] not in (0, None), outcome.table()
+    assert outcome.clean is not None and outcome.clean < 15, outcome.table()
+    assert re.search(r"remote daemon.*on node h2|unable to reliably start one or more daemons", outcome.output,
+                     re.S), outcome.output
+    _loaded(outcome)
+
+
+@pytest.mark.xfail(strict=True, reason="needs a protocol change: a dropped rank still sends its zeros through "
+                   "the step's allreduce, so a slow link slows every step whatever b")
+def test_a_slow_link_is_dropped_like_a_straggler(hosts, tmp_path, note):
+    # One rank on h2, b=1: when h2's link drops to 5 Mbit/s (tbf) at step 12, rank 3 should be left out of the
+    # steps and the others keep their pace.
+    spec, m = "h1:3,h2:1", tmp_path / "m.jsonl"
+    proc = background(4, ["--backend", "mpi", "--backup-workers", "1", "--steps", "24", "--eval-every", "0",
+                          "--metrics", str(m)], tmp_path / "log", **hosts.placement(spec, options=OSC))
+    try:
+        wait_until(lambda: last_step(m) >= 12, proc, JOB_DEADLINE / 2, "step 12")
+        hosts.limit("h2", "5mbit")
+        limited_from = last_step(m) + 2
+        assert finish(proc, JOB_DEADLINE / 2) == 0, (tmp_path / "log").read_text()
+    finally:
+        finish(proc, 0.1)
+    steps = {s["step"]: s for s in read_metrics(m) if s["type"] == "step"}
+    before = [steps[t]["step_s"] for t in range(3, 12)]
+    after = [steps[t] for t in range(limited_from, 24)]
+    slow, fast = statistics.median(s["step_s"] for s in after), statistics.median(before)
+    dropped = sum(3 in s["dropped"] for s in after) / len(after)
+    note(f"h2 at 5mbit with b=1: median step {fast:.3f}s before, {slow:.3f}s after; rank 3 dropped in "
+         f"{dropped:.0%} of {len(after)} steps")
+    assert dropped >= 0.8 and slow < 1.5 * fast + 0.05

@@ -1,0 +1,61 @@
+"""The batch templates on a Slurm whose nodes are emulated hosts: slurmctld on h3, a slurmd on each of h1 and h2
+(own NodeName, NodeHostname and NodeAddr), tiny jobs across both through ``srun --mpi=pmix`` and ``mpirun``."""
+
+import pytest
+
+from hvd_backup.checkpoint import latest_checkpoint
+from tests.e2e.helpers import read_metrics, write_cifar10, write_imagefolder
+from tests.multihost.conftest import JOB_DEADLINE
+from tests.slurm.cluster import LocalSlurm
+from tests.slurm.test_slurm import TINY, _job_log, sbatch
+
+
+@pytest.fixture(scope="module")
+def slurm(cluster, tmp_path_factory):
+    local = LocalSlurm(str(tmp_path_factory.mktemp("slurm")), nodes=[cluster["h1"], cluster["h2"]],
+                       head=cluster["h3"])
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
+
+
+def test_nodes_are_the_emulated_hosts(slurm):
+    out = slurm.run(["srun", "-N2", "--ntasks-per-node=1", "sh", "-c", "echo $(hostname) $SLURMD_NODENAME"])
+    assert sorted(out.stdout.split("\n")) == ["", "h1 h1", "h2 h2"], out.stdout + out.stderr
+
+
+def _env(cluster, tmp_path, **more):
+    """What a user of this cluster exports before sbatch: MPI on the cluster's network, one-sided MPI over UCX."""
+    return dict(cluster.mpi_environment(), OMPI_MCA_osc="ucx", CHECKPOINT_DIR=str(tmp_path / "ck"),
+                METRICS=str(tmp_path / "m.jsonl"), **more)
+
+
+# One job per launcher: srun starts the ranks itself (PMIx), mpirun starts its daemons through srun.
+def test_cifar10_template_through_srun_pmix(slurm, cluster, tmp_path):
+    plugins = slurm.run(["srun", "--mpi=list"])
+    assert "pmix" in plugins.stdout + plugins.stderr, plugins
+    env = _env(cluster, tmp_path, DATA_DIR=write_cifar10(tmp_path / "cifar"), LAUNCHER="srun")
+    proc = sbatch(slurm, tmp_path, "cifar10.sh", ["--nodes=2", "--ntasks-per-node=2", *TINY],
+                  ["--steps", "3", "-b", "4", "--workers", "0", "--eval-every", "0"], env=env, timeout=JOB_DEADLINE)
+    log = _job_log(tmp_path)
+    assert proc.returncode == 0, proc.stderr + log
+    assert "2 node(s), 4 ranks, launcher srun" in log and "done: 3 steps" in log, log
+    steps = [r for r in read_metrics(tmp_path / "m.jsonl") if r["type"] == "step"]
+    assert [s["step"] for s in steps] == [0, 1, 2] and steps[0]["size"] == 4
+    assert latest_checkpoint(str(tmp_path / "ck")).endswith("checkpoint-00000003.pt")
+
+
+def test_imagenet_template_through_mpirun(slurm, cluster, tmp_path):
+    env = _env(cluster, tmp_path, DATA_DIR=write_imagefolder(tmp_path / "imagenet"), ARCH="resnet18",
+               LAUNCHER="mpirun", BACKUP_WORKERS="1")
+    proc = sbatch(slurm, tmp_path, "imagenet.sh", ["--nodes=2", "--ntasks-per-node=1", *TINY],
+                  ["--image-size", "32", "--steps", "3", "-b", "2", "--workers", "0", "--eval-every", "0"], env=env,
+                  timeout=JOB_DEADLINE)
+    log = _job_log(tmp_path)
+    assert proc.returncode == 0, proc.stderr + log
+    assert "2 node(s), 2 ranks, launcher mpirun" in log and "done: 3 steps" in log, log
+    steps = [r for r in read_metrics(tmp_path / "m.jsonl") if r["type"] == "step"]
+    assert [s["step"] for s in steps] == [0, 1, 2] and steps[0]["size"] == 2
+    assert latest_checkpoint(str(tmp_path / "ck")).endswith("checkpoint-00000003.pt")
