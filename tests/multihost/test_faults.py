@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from hvd_backup.checkpoint import latest_checkpoint, load_checkpoint
+from hvd_backup.train.checkpoint import latest_checkpoint, load_checkpoint
+from hvd_backup.train.metrics import of_type, read_metrics
 from mpi_tools.hosts import slots
 from mpi_tools.launch import finish
-from tests.e2e.helpers import background, last_step, read_metrics, wait_until
+from tests.e2e.helpers import background, last_step, wait_until
 from tests.multihost.conftest import JOB_DEADLINE, OSC, SPEC
 
 HANG = 10
@@ -151,9 +152,9 @@ def test_a_partition_ends_the_whole_job_when_the_launcher_keeps_alive(hosts, tmp
 
 @pytest.mark.xfail(strict=True, reason="needs library fixes: (1) the watchdog times a step from the communication "
                    "thread's arrival (_busy_since), so a rank whose thread is blocked in MPI before arriving "
-                   "(ArrivalCounter.peek in _await_turn) never fails; (2) a rank whose communication thread is "
-                   "blocked in the counter (osc ucx's accumulate lock held by a lost rank) cannot name the missing "
-                   "ranks")
+                   "(ArrivalCounter.peek in protocol.arrive.await_turn) never fails; (2) a rank whose "
+                   "communication thread is blocked in the counter (osc ucx's accumulate lock held by a lost "
+                   "rank) cannot name the missing ranks")
 @pytest.mark.parametrize("cut", ["h2", "h1"])
 def test_a_partition_ends_every_rank_on_its_own_within_hang_timeout(hosts, tmp_path, note, cut):
     # Open MPI's default keepalives (8 minutes): hvd_backup's watchdog is all that ends the ranks.
@@ -202,7 +203,7 @@ def test_a_slow_link_is_dropped_like_a_straggler(hosts, tmp_path, note):
         assert finish(proc, JOB_DEADLINE / 2) == 0, (tmp_path / "log").read_text()
     finally:
         finish(proc, 0.1)
-    steps = {s["step"]: s for s in read_metrics(m) if s["type"] == "step"}
+    steps = {s["step"]: s for s in of_type(read_metrics(m), "step")}
     before = [steps[t]["step_s"] for t in range(3, 12)]
     after = [steps[t] for t in range(limited_from, 24)]
     slow, fast = statistics.median(s["step_s"] for s in after), statistics.median(before)

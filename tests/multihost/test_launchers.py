@@ -4,9 +4,10 @@ agent, and ``horovodrun -H`` with ``ssh`` on PATH; ranks on different hosts meet
 import os
 import re
 
+from hvd_backup.train.metrics import of_type, read_metrics
 from mpi_tools.hosts import slots
 from mpi_tools.launch import mpirun_env, run, run_with_deadline
-from tests.e2e.helpers import ROOT, TRAIN, launch, read_metrics
+from tests.e2e.helpers import ROOT, TRAIN, launch
 from tests.multihost.conftest import JOB_DEADLINE, OSC, SPEC
 
 # The multi-rank tests of the counter and the optimizer (both backends) that hold no wall-clock budget: between
@@ -44,7 +45,7 @@ def test_the_trainer_through_mpirun_host(hosts, tmp_path):
                   timeout=JOB_DEADLINE, **hosts.placement(SPEC, options=(*OSC, *MAP)))
     assert proc.returncode == 0, proc.stdout
     assert _mapped(proc.stdout) == {"h1": 2, "h2": 2}, proc.stdout
-    steps = [r for r in read_metrics(m) if r["type"] == "step"]
+    steps = of_type(read_metrics(m), "step")
     assert [s["step"] for s in steps] == list(range(30)) and all(s["size"] == 4 for s in steps)
     assert "done: 30 steps" in proc.stdout, proc.stdout
 
@@ -62,5 +63,5 @@ def test_the_trainer_through_horovodrun_H(hosts, tmp_path):
                              cwd=ROOT)
     assert proc.returncode == 0, proc.stdout
     assert _mapped(proc.stdout) == {"h1": 2, "h2": 2}, proc.stdout
-    steps = [r for r in read_metrics(m) if r["type"] == "step"]
+    steps = of_type(read_metrics(m), "step")
     assert [s["step"] for s in steps] == list(range(30)) and all(s["size"] == 4 for s in steps)

@@ -3,8 +3,9 @@
 
 import pytest
 
-from hvd_backup.checkpoint import latest_checkpoint
-from tests.e2e.helpers import read_metrics, write_cifar10, write_imagefolder
+from hvd_backup.train.checkpoint import latest_checkpoint
+from hvd_backup.train.metrics import of_type, read_metrics
+from tests.e2e.helpers import write_cifar10, write_imagefolder
 from tests.multihost.conftest import JOB_DEADLINE
 from tests.slurm.cluster import LocalSlurm
 from tests.slurm.test_slurm import TINY, _job_log, sbatch
@@ -42,7 +43,7 @@ def test_cifar10_template_through_srun_pmix(slurm, cluster, tmp_path):
     log = _job_log(tmp_path)
     assert proc.returncode == 0, proc.stderr + log
     assert "2 node(s), 4 ranks, launcher srun" in log and "done: 3 steps" in log, log
-    steps = [r for r in read_metrics(tmp_path / "m.jsonl") if r["type"] == "step"]
+    steps = of_type(read_metrics(tmp_path / "m.jsonl"), "step")
     assert [s["step"] for s in steps] == [0, 1, 2] and steps[0]["size"] == 4
     assert latest_checkpoint(str(tmp_path / "ck")).endswith("checkpoint-00000003.pt")
 
@@ -56,6 +57,6 @@ def test_imagenet_template_through_mpirun(slurm, cluster, tmp_path):
     log = _job_log(tmp_path)
     assert proc.returncode == 0, proc.stderr + log
     assert "2 node(s), 2 ranks, launcher mpirun" in log and "done: 3 steps" in log, log
-    steps = [r for r in read_metrics(tmp_path / "m.jsonl") if r["type"] == "step"]
+    steps = of_type(read_metrics(tmp_path / "m.jsonl"), "step")
     assert [s["step"] for s in steps] == [0, 1, 2] and steps[0]["size"] == 2
     assert latest_checkpoint(str(tmp_path / "ck")).endswith("checkpoint-00000003.pt")
