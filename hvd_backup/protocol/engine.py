@@ -10,6 +10,7 @@ import threading
 import time
 
 import torch
+from mpi4py import MPI
 
 from mpi_tools import ArrivalCounter, ClockSync
 
@@ -72,6 +73,8 @@ class StepEngine:
         # serves about 500k polls per second at the most, whatever N.
         self.poll_cap = poll_cap if poll_cap is not None else max(5e-4, 2e-6 * self.size)
         self.clock = ClockSync(comm=comm)
+        # Each rank's host, so that a hang error can say where the missing ranks run (a lost node, a partition).
+        self.hosts: list[str] = comm.allgather(MPI.Get_processor_name())
         self.counter = ArrivalCounter(slots, comm=comm, root=0)
         self.layout = Meta(self.size, hyper_len, len(side.present))
         self._meta = torch.zeros(self.layout.length, dtype=torch.float64)

@@ -40,7 +40,7 @@ class Watchdog:
     def _watch(self) -> None:
         eng = self.eng
         while not eng._finished.is_set():
-            st, since = eng._current, eng._busy_since
+            st, since = eng._current, self._since()
             if eng._error is not None:
                 break
             limit = eng.hang_timeout if eng.warm else eng.startup_timeout
@@ -60,6 +60,19 @@ class Watchdog:
                   flush=True)
             abort(eng.backend.comm)
 
+    def _since(self) -> float | None:
+        """When this rank's part in the current step began: the communication thread's arrival, or, before it,
+        the training thread's hand-in that the communication thread has not taken yet. A thread blocked inside
+        MPI between steps (polling a counter host it cannot reach) never takes it, and the training thread
+        would wait in ``submit`` forever."""
+        eng = self.eng
+        since = eng._busy_since
+        if since is None:
+            pending = eng._pending
+            if pending is not None and pending.reply is None and not pending.arrived:
+                since = pending.submitted_at
+        return since
+
     def _diagnose(self, st, limit: float) -> HangError | None:
         """Ask the communication thread for the marks and heartbeats; the error to fail with, or ``None`` when
         this rank only waits in ``close()`` and every other rank still beats."""
@@ -77,14 +90,21 @@ class Watchdog:
         with the silent ranks and for how long."""
         eng = self.eng
         what = "hang_timeout" if eng.warm else "startup_timeout"
+        root = eng.counter.root
+        # Which ranks are missing is unknown without the counter's marks: list those on other hosts, the likely
+        # ones when a host or its link is lost.
+        elsewhere = [r for r, host in enumerate(eng.hosts) if host != eng.hosts[eng.rank]]
+        others = f"; ranks on other hosts: {self._placed(elsewhere)}" if elsewhere else ""
         if not self._answered.is_set():
             return HangError(f"step {st.t}: did not complete within {what}={limit:g}s, and this rank's "
-                             f"communication thread is blocked inside MPI (the counter host rank "
-                             f"{eng.counter.root} may be stuck or gone)"), {}
+                             f"communication thread is blocked inside MPI (the counter host rank {root} on "
+                             f"{eng.hosts[root]} may be stuck, gone or cut off from {eng.hosts[eng.rank]}, this "
+                             f"rank's host){others}"), {}
         found = self._diagnosis
         if found is None:
-            return HangError(f"step {st.t}: the counter host rank {eng.counter.root} did not answer (it is stuck "
-                             f"or gone) and the step did not complete within {what}={limit:g}s"), {}
+            return HangError(f"step {st.t}: the counter host rank {root} on {eng.hosts[root]} did not answer (it "
+                             f"is stuck, gone or cut off) and the step did not complete within "
+                             f"{what}={limit:g}s{others}"), {}
         marks, beats = found
         now_ms = 1e3 * eng.clock.now()
         silent_for = {r: (now_ms - b) / 1e3 for r, b in enumerate(beats)
@@ -96,6 +116,18 @@ class Watchdog:
             detail = f" (no heartbeat from {quiet})"
         if eng._stopping:
             culprits = sorted(silent_for)
-        return HangError(f"step {st.t}: ranks {culprits} did not contribute within {what}={limit:g}s{detail}"), \
-            silent_for
+        where = f", on {self._placed(culprits)}" if culprits else ""
+        return HangError(f"step {st.t}: ranks {culprits} did not contribute within {what}={limit:g}s{detail}"
+                         f"{where}"), silent_for
+
+    def _placed(self, ranks: list[int], most: int = 8) -> str:
+        """``h2 (ranks 2, 3), h3 (rank 5)``: the hosts of ``ranks``, the first ``most`` of them named."""
+        by_host: dict[str, list[int]] = {}
+        for r in ranks:
+            by_host.setdefault(self.eng.hosts[r], []).append(r)
+        named = [f"{host} (rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
+                 for host, rs in list(by_host.items())[:most]]
+        if len(by_host) > most:
+            named.append(f"and {len(by_host) - most} more hosts")
+        return ", ".join(named)
 

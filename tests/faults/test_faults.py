@@ -70,20 +70,20 @@ def test_a_10x_slower_rank_keeps_up_with_flat_memory(tmp_path):
     assert max(late) - late[0] < 0.05 * late[0] + 20, late
 
 
-def _hang_case(tmp_path, sig, options=()):
-    """Start a long run, hit rank 2 with ``sig`` at step 15; return (exit code, seconds to exit, output)."""
+def _hang_case(tmp_path, sig, options=(), rank=2, shm=True):
+    """Start a long run, hit ``rank`` with ``sig`` at step 15; return (exit code, seconds to exit, output)."""
     m = tmp_path / "m.jsonl"
     ck = tmp_path / "ck"
     args = ["--backup-workers", "1", "--hang-timeout", "5", "--checkpoint-dir", str(ck), "--checkpoint-every", "5",
             "--metrics", str(m), *FOREVER]
-    proc = background(NP, args, tmp_path / "log", options=options)
+    proc = background(NP, args, tmp_path / "log", options=options, shm=shm)
     wait_until(lambda: last_step(m) >= 15 and latest_checkpoint(str(ck)), proc, 120, "step 15")
-    os.kill(rank_pids(proc)[2], sig)
+    os.kill(rank_pids(proc)[rank], sig)
     struck = time.monotonic()
     code = finish(proc, 5 + 60)
     took = time.monotonic() - struck
-    print(f"signal {sig!r} to rank 2 at step >= 15: the job exited with {code} after {took:.1f}s "
-          f"(hang_timeout=5s)")
+    print(f"signal {sig!r} to rank {rank} at step >= 15: the job exited with {code} after {took:.1f}s "
+          f"(hang_timeout=5s{'' if shm else ', TCP only'})")
     return code, took, (tmp_path / "log").read_text(), ck
 
 
@@ -107,6 +107,18 @@ def test_a_frozen_rank_is_named_by_the_hang_error(tmp_path):
     assert code not in (0, 124) and took < 5 + 30, (code, took, out)
     lines = re.findall(r"hvd_backup: rank (\d): step (\d+): ranks \[2\] did not contribute within hang_timeout=5s", out)
     assert {rank for rank, _ in lines} <= {"0", "1", "3"} and lines, out
+
+
+def test_a_frozen_counter_host_over_tcp_ends_every_other_rank(tmp_path):
+    # Without shared memory every counter operation needs rank 0's progress: the others' communication threads
+    # block inside MPI, most of them between steps, before taking their rank's next gradient. Each rank's
+    # watchdog times the step from that hand-in, gives up on a diagnosis (up to 10 s) and ends the job.
+    code, took, out, ck = _hang_case(tmp_path, signal.SIGSTOP, rank=0, shm=False)
+    assert code not in (0, 124) and took < 5 + 45, (code, took, out)
+    blocked = set(re.findall(r"hvd_backup: rank (\d): step \d+: did not complete within hang_timeout=5s, and this "
+                             r"rank's communication thread is blocked inside MPI \(the counter host rank 0 on ", out))
+    assert blocked and blocked <= {"1", "2", "3"}, out
+    assert load_checkpoint(latest_checkpoint(str(ck)), expect=DIGITS)["global_step"] >= 5
 
 
 def test_a_crash_while_rank_0_writes_a_checkpoint_keeps_the_previous_one(tmp_path):
