@@ -31,6 +31,8 @@ def test_a_rank_sleeping_2s_per_step_is_not_waited_for(comm, backend):
         elapsed = time.monotonic() - start
         records = opt.pop_records()
         digest = state_digest(model, opt)
+    # Collective first: a rank that fails an assertion below must not leave the others waiting in it.
+    assert_same_everywhere(comm, digest, "parameters and momentum")
     assert [r.step for r in records] == list(range(10))
     # Step 0 waits for every rank (the start-up barrier); from then on the sleeping rank is never waited for.
     assert records[0].count == size and all(r.count == size - 1 and slow not in r.included for r in records[1:])
@@ -40,7 +42,6 @@ def test_a_rank_sleeping_2s_per_step_is_not_waited_for(comm, backend):
         # Waiting for the slow rank once more would take 2 s; nine steps of this model take milliseconds.
         assert elapsed < 2 + 1.9, f"10 steps took {elapsed:.2f}s: the group waited for the sleeping rank"
         assert all(rec.status == "included" for _, rec in mine)
-    assert_same_everywhere(comm, digest, "parameters and momentum")
 
 
 def test_popping_records_before_a_catch_up_is_safe(comm, backend):
@@ -66,10 +67,10 @@ def test_popping_records_before_a_catch_up_is_safe(comm, backend):
             popped += opt.pop_records()
         popped += opt.pop_records()
         digest = state_digest(model, opt)
+    assert_same_everywhere(comm, digest, "parameters and momentum")
     assert [r.step for r in popped] == list(range(len(popped))) and len(popped) >= 40
     if rank == slow:
         assert "caught_up" in statuses, statuses
-    assert_same_everywhere(comm, digest, "parameters and momentum")
 
 
 def test_1000_steps_of_random_delays_include_exactly_the_quorum(comm, backend):
@@ -82,6 +83,8 @@ def test_1000_steps_of_random_delays_include_exactly_the_quorum(comm, backend):
         mine = train_until(opt, model, 1000, injector)
         records = opt.pop_records()
         digest = state_digest(model, opt)
+    assert_same_everywhere(comm, [r.included for r in records], "included sets")
+    assert_same_everywhere(comm, digest, "parameters and momentum")
     assert [r.step for r in records] == list(range(1000))
     assert records[0].closed_by == "all"  # the start-up barrier
     assert all(r.count == size - b and len(r.included) == size - b for r in records[1:])
@@ -92,8 +95,6 @@ def test_1000_steps_of_random_delays_include_exactly_the_quorum(comm, backend):
             assert rec.step == version and rank in rec.included
         if rec.status == "caught_up":
             assert rec.step >= version
-    assert_same_everywhere(comm, [r.included for r in records], "included sets")
-    assert_same_everywhere(comm, digest, "parameters and momentum")
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -144,12 +145,12 @@ def test_straggler_timeout_closes_with_fewer_than_quorum(comm, backend):
         elapsed = time.monotonic() - start
         records = opt.pop_records()
         digest = state_digest(model, opt)
+    assert_same_everywhere(comm, digest, "parameters and momentum")
     assert all(r.closed_by == "timeout" and min_workers <= r.count < size - b for r in records[1:]), records
     if rank not in slow:
         # After step 0 (which waits for every rank), each step closes about 0.2 s after the first arrival
         # instead of waiting 1.5 s for the slow ranks.
         assert elapsed < 1.5 + 4 * 1.0, f"5 steps took {elapsed:.2f}s"
-    assert_same_everywhere(comm, digest, "parameters and momentum")
 
 
 def test_auto_b_learns_to_drop_a_slow_rank_and_all_ranks_agree(comm, backend):
