@@ -260,7 +260,11 @@ class Hosts:
         _ip("link", "set", self._host(host).netns, "down")
 
     def restore(self, host: Host | str) -> None:
+        """Bring ``host``'s link back up. Forgets every host's neighbour entries: those that failed while the link
+        was down would refuse new connections at once ("No route to host") for a while."""
         _ip("link", "set", self._host(host).netns, "up")
+        for each in self.hosts:
+            _ip("-n", each.netns, "neigh", "flush", "all", check=False)
 
     def limit(self, host: Host | str, rate: str, *, burst: str = "32kb", latency: str = "200ms") -> None:
         """Cap ``host``'s link at ``rate`` (tc's units: ``10mbit``) in both directions with ``tbf``."""
