@@ -96,10 +96,15 @@ class Watchdog:
         elsewhere = [r for r, host in enumerate(eng.hosts) if host != eng.hosts[eng.rank]]
         others = f"; ranks on other hosts: {self._placed(elsewhere)}" if elsewhere else ""
         if not self._answered.is_set():
+            here = eng.hosts[eng.rank]
+            # Open MPI's one-sided component takes a lock on the counter host for each atomic operation: a rank
+            # lost while holding it blocks the others' operations, the counter host's own included.
+            why = (f"the counter host rank {root} on {eng.hosts[root]} may be stuck, gone or cut off from {here}, "
+                   f"this rank's host" if eng.hosts[root] != here else
+                   f"the counter host rank {root}, on this rank's host {here}, may be stuck or gone, or a lost "
+                   f"rank holds the lock of its window")
             return HangError(f"step {st.t}: did not complete within {what}={limit:g}s, and this rank's "
-                             f"communication thread is blocked inside MPI (the counter host rank {root} on "
-                             f"{eng.hosts[root]} may be stuck, gone or cut off from {eng.hosts[eng.rank]}, this "
-                             f"rank's host){others}"), {}
+                             f"communication thread is blocked inside MPI ({why}){others}"), {}
         found = self._diagnosis
         if found is None:
             return HangError(f"step {st.t}: the counter host rank {root} on {eng.hosts[root]} did not answer (it "
