@@ -20,6 +20,14 @@ PREFIX = "mh"  # then the PID of the pytest process that made the hosts
 SPEC = "h1:2,h2:2"
 OSC = ("--mca", "osc", "ucx")
 JOB_DEADLINE = TEST_TIMEOUT - 20
+# Open MPI prints where it put each rank: the proof that both hosts took part.
+MAP = ("--display-map",)
+
+
+def mapped(out: str) -> dict[str, int]:
+    """``{host: ranks}`` from mpirun's --display-map."""
+    return {host: int(n) for host, n in re.findall(r"Data for node: (\S+)\s+Num slots: \d+\s+Max slots: \d+\s+"
+                                                    r"Num procs: (\d+)", out)}
 
 
 def _remove_orphaned_sets() -> None:

@@ -7,23 +7,15 @@ import re
 from hvd_backup.train.metrics import of_type, read_metrics
 from mpi_tools.hosts import slots
 from mpi_tools.launch import mpirun_env, run, run_with_deadline
-from tests.e2e.helpers import ROOT, TRAIN, launch
-from tests.multihost.conftest import JOB_DEADLINE, OSC, SPEC
+from tests.e2e.helpers import ROOT, TRAIN
+from tests.multihost.conftest import JOB_DEADLINE, MAP, OSC, SPEC, mapped
 
 # The multi-rank tests of the counter and the optimizer (both backends) that hold no wall-clock budget: between
 # hosts each counter operation and each collective is a TCP round trip to a peer that shares this machine's 2
 # cores (~10 ms under load), so the 3,000-step counter test takes minutes and the sleeping-rank test's 1.9 s
 # for 10 steps is missed whenever the machine is busy (3.2 s measured with Horovod).
 SUBSET = "close_is_atomic or stop_and_marks or b0_is_plain or resume_restores or differ_across_ranks"
-# Open MPI prints where it put each rank: the proof that both hosts took part.
-MAP = ("--display-map",)
 TEST_ENV = ("HVD_BACKUP_TEST_TIMEOUT", "HVD_BACKUP_JUNIT_DIR", "HVD_BACKUP_RUN_TAG")
-
-
-def _mapped(out: str) -> dict[str, int]:
-    """``{host: ranks}`` from mpirun's --display-map."""
-    return {host: int(n) for host, n in re.findall(r"Data for node: (\S+)\s+Num slots: \d+\s+Max slots: \d+\s+"
-                                                    r"Num procs: (\d+)", out)}
 
 
 def test_the_multi_rank_mpi_suite_across_hosts(hosts):
@@ -35,19 +27,8 @@ def test_the_multi_rank_mpi_suite_across_hosts(hosts):
     placement = hosts.placement(SPEC, forward=forward, options=(*OSC, *MAP))
     proc = run(slots(SPEC), argv, timeout=JOB_DEADLINE, env=env, capture=True, cwd=ROOT, **placement)
     assert proc.returncode == 0, proc.stdout
-    assert _mapped(proc.stdout) == {"h1": 2, "h2": 2}, proc.stdout
+    assert mapped(proc.stdout) == {"h1": 2, "h2": 2}, proc.stdout
     assert re.search(r"\b\d+ passed", proc.stdout) and not re.search(r"\b\d+ (failed|error)", proc.stdout), proc.stdout
-
-
-def test_the_trainer_through_mpirun_host(hosts, tmp_path):
-    m = tmp_path / "m.jsonl"
-    proc = launch(slots(SPEC), ["--backend", "mpi", "--steps", "30", "--backup-workers", "1", "--metrics", str(m)],
-                  timeout=JOB_DEADLINE, **hosts.placement(SPEC, options=(*OSC, *MAP)))
-    assert proc.returncode == 0, proc.stdout
-    assert _mapped(proc.stdout) == {"h1": 2, "h2": 2}, proc.stdout
-    steps = of_type(read_metrics(m), "step")
-    assert [s["step"] for s in steps] == list(range(30)) and all(s["size"] == 4 for s in steps)
-    assert "done: 30 steps" in proc.stdout, proc.stdout
 
 
 def test_the_trainer_through_horovodrun_H(hosts, tmp_path):
@@ -62,6 +43,6 @@ def test_the_trainer_through_horovodrun_H(hosts, tmp_path):
     proc = run_with_deadline(hosts["h1"].enter() + cmd, timeout=JOB_DEADLINE, env=mpirun_env(env), capture=True,
                              cwd=ROOT)
     assert proc.returncode == 0, proc.stdout
-    assert _mapped(proc.stdout) == {"h1": 2, "h2": 2}, proc.stdout
+    assert mapped(proc.stdout) == {"h1": 2, "h2": 2}, proc.stdout
     steps = of_type(read_metrics(m), "step")
     assert [s["step"] for s in steps] == list(range(30)) and all(s["size"] == 4 for s in steps)
