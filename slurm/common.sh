@@ -37,6 +37,12 @@ hvd_backup_launch() {
     mpirun)
       local root=()
       [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
+      # A lost link between nodes: Open MPI's runtime notices only through TCP keepalives, by default after 8
+      # minutes (300 s + 9 x 20 s), and never if its last message is unacknowledged. These end the whole job
+      # about 40 s after a partition; keep them well under --hang-timeout, or mpirun may outlive the ranks.
+      export OMPI_MCA_oob_tcp_keepalive_time=${OMPI_MCA_oob_tcp_keepalive_time:-20}
+      export OMPI_MCA_oob_tcp_keepalive_intvl=${OMPI_MCA_oob_tcp_keepalive_intvl:-5}
+      export OMPI_MCA_oob_tcp_keepalive_probes=${OMPI_MCA_oob_tcp_keepalive_probes:-4}
       # shellcheck disable=SC2086
       mpirun "${root[@]}" -np "${SLURM_NTASKS:-1}" --bind-to none $MPIRUN_ARGS "${cmd[@]}" & ;;
     *) echo "slurm: LAUNCHER=$LAUNCHER: use srun or mpirun" >&2; return 2 ;;
