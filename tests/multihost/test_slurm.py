@@ -33,18 +33,19 @@ def _env(cluster, tmp_path, **more):
                 METRICS=str(tmp_path / "m.jsonl"), **more)
 
 
-# One job per launcher: srun starts the ranks itself (PMIx), mpirun starts its daemons through srun.
+# One job per launcher, one rank per node (the jobs on 2 ranks per host are in test_launchers and test_faults):
+# srun starts the ranks itself (PMIx), mpirun starts its daemons through srun.
 def test_cifar10_template_through_srun_pmix(slurm, cluster, tmp_path):
     plugins = slurm.run(["srun", "--mpi=list"])
     assert "pmix" in plugins.stdout + plugins.stderr, plugins
     env = _env(cluster, tmp_path, DATA_DIR=write_cifar10(tmp_path / "cifar"), LAUNCHER="srun")
-    proc = sbatch(slurm, tmp_path, "cifar10.sh", ["--nodes=2", "--ntasks-per-node=2", *TINY],
+    proc = sbatch(slurm, tmp_path, "cifar10.sh", ["--nodes=2", "--ntasks-per-node=1", *TINY],
                   ["--steps", "3", "-b", "4", "--workers", "0", "--eval-every", "0"], env=env, timeout=JOB_DEADLINE)
     log = _job_log(tmp_path)
     assert proc.returncode == 0, proc.stderr + log
-    assert "2 node(s), 4 ranks, launcher srun" in log and "done: 3 steps" in log, log
+    assert "2 node(s), 2 ranks, launcher srun" in log and "done: 3 steps" in log, log
     steps = of_type(read_metrics(tmp_path / "m.jsonl"), "step")
-    assert [s["step"] for s in steps] == [0, 1, 2] and steps[0]["size"] == 4
+    assert [s["step"] for s in steps] == [0, 1, 2] and steps[0]["size"] == 2
     assert latest_checkpoint(str(tmp_path / "ck")).endswith("checkpoint-00000003.pt")
 
 
