@@ -2,13 +2,16 @@
 that still runs on them: h1 and h2 run the jobs, h3 is the head node of the Slurm tests. Each test that uses
 ``hosts`` starts from healthy links and empty hosts.
 
-Every job gets a deadline shorter than the per-test one of tests/conftest.py, whose alarm would end this process
-without removing the hosts; sets left by such a crash (their creator's PID is gone) are removed on start."""
+Every job gets a deadline shorter than the per-test one of tests/conftest.py, whose alarm ends this process
+without running any teardown: a reaper process, which waits for this one to end, then removes the hosts and
+everything on them (and finds nothing to do after a normal teardown). Sets left by a crash of both (their
+creator's PID is gone) are removed on the next start."""
 
 import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -42,8 +45,19 @@ def cluster():
     if os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "nsenter", "unshare", "tc")):
         pytest.skip("emulated hosts need root and iproute2/util-linux (ip, nsenter, unshare, tc)")
     _remove_orphaned_sets()
-    with Hosts(3, prefix=f"{PREFIX}{os.getpid()}") as made:
-        yield made
+    prefix = f"{PREFIX}{os.getpid()}"
+    # Reads its stdin until this process ends (its end of the pipe closes however it ends), then takes the
+    # hosts down; its own session, so that an interrupt of this one does not end it.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    reaper = subprocess.Popen(["sh", "-c", 'cat >/dev/null; exec "$0" -m mpi_tools.hosts down --prefix "$1"',
+                               sys.executable, prefix], stdin=subprocess.PIPE, cwd=root,
+                              env=dict(os.environ, PYTHONPATH=root), start_new_session=True)
+    try:
+        with Hosts(3, prefix=prefix) as made:
+            yield made
+    finally:
+        reaper.stdin.close()
+        reaper.wait()
 
 
 @pytest.fixture
