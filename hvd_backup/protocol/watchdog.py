@@ -39,8 +39,17 @@ class Watchdog:
 
     def _watch(self) -> None:
         eng = self.eng
+        tick = min(1.0, eng._beat_every)
+        last = resumed = time.monotonic()
         while not eng._finished.is_set():
+            now = time.monotonic()
+            if now - last > tick + 5:
+                # This process did not run for a while (stopped, a paused machine): the time it lost is not
+                # the other ranks' fault, and a frozen rank that resumes must not blame them at once.
+                resumed = now
+            last = now
             st, since = eng._current, self._since()
+            since = max(since, resumed) if since is not None else None
             if eng._error is not None:
                 break
             limit = eng.hang_timeout if eng.warm else eng.startup_timeout
@@ -51,7 +60,7 @@ class Watchdog:
                     continue
                 eng.fail(error)
                 break
-            eng._finished.wait(min(1.0, eng._beat_every))
+            eng._finished.wait(tick)
         if eng._error is not None:
             # The training thread raises the error; if the process is still here (a rank stuck in MPI, an
             # interpreter waiting on it at exit), take the whole job down rather than hang.
