@@ -11,7 +11,7 @@ from .helpers import launch, read_metrics, summary, write_cifar10, write_imagefo
 def test_digits_reaches_95_percent_with_a_slow_rank(tmp_path, np_):
     metrics = tmp_path / "m.jsonl"
     slow = np_ - 1
-    proc = launch(np_, ["--backup-workers", "1", "--straggler", f"fixed:delay=0.05,rank={slow}",
+    proc = launch(np_, ["--backup-workers", "1", "--straggler", f"fixed:delay=0.15,rank={slow}",
                         "--metrics", str(metrics), "--print-freq", "20"])
     assert proc.returncode == 0, proc.stdout
     s = summary(metrics)
