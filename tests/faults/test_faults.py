@@ -47,13 +47,13 @@ def test_more_than_b_slow_ranks_close_on_the_timeout(tmp_path):
 
 @pytest.mark.deadline(220)
 def test_a_rank_far_behind_keeps_up_with_flat_memory(tmp_path):
-    """Rank 3 is 100x slower than the others (it sleeps 99x its own compute time): each of its gradients comes
+    """Rank 3 is 50x slower than the others (it sleeps 49x its own compute time): each of its gradients comes
     tens of steps late, and its memory must not grow with how far behind it is (one consensus copy, whatever
     the lag)."""
-    total = 200  # global steps: a few catch-ups at about 60 steps each
+    total = 120  # global steps: a few catch-ups at about 30 steps each
     m = tmp_path / "m.jsonl"
     args = ["--dataset", "synthetic", "--image-size", "16", "--num-classes", "10", "--synthetic-size", "4096",
-            "--arch", "mobilenet_v3_small", "-b", "8", "--steps", str(total), "--straggler", "slow:factor=100,rank=3",
+            "--arch", "mobilenet_v3_small", "-b", "8", "--steps", str(total), "--straggler", "slow:factor=50,rank=3",
             "--max-lag", "100000", "--metrics", str(m)]
     proc = background(NP, args, tmp_path / "log")
     pids, samples = {}, []
@@ -72,7 +72,7 @@ def test_a_rank_far_behind_keeps_up_with_flat_memory(tmp_path):
     # How far behind it was: rank 3 reports its stale gradient's compute time in the step after each catch-up.
     caught_up = [s["step"] for s in steps if s["compute_s"][3] is not None]
     lags = [b - a for a, b in zip(caught_up, caught_up[1:])]
-    assert lags and max(lags) >= 40, caught_up
+    assert lags and max(lags) >= 20, caught_up
     # Memory of the slow rank: from its second catch-up on (consensus copy made and used), it must neither grow
     # with its lag nor rise and fall with it. Up to the last step's record: then every rank runs the final
     # evaluation, which takes memory of its own.
