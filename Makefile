@@ -50,7 +50,8 @@ test-horovodrun: setup
 test-train: setup
 	$(PY) -m pytest tests/e2e -q --color=no
 
-# What clusters do to jobs (slow, killed, frozen ranks; crashes; a soak) and the bad-input table.
+# What clusters do to jobs (slow, killed, frozen ranks; crashes; a soak), the bad-input table, and the protocol's
+# failure paths in a user's own loop (2 and 4 ranks, with and without shared memory).
 test-faults: setup
 	$(PY) -m pytest tests/faults -q --color=no -rA --junitxml=reports/faults.xml
 

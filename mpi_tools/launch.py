@@ -104,6 +104,11 @@ def run_with_deadline(cmd: list[str], *, timeout: float, env: dict | None = None
             stdout = (stdout or "") + message + "\n"
         else:
             print(message, file=sys.stderr, flush=True)
+    except BaseException:
+        # Interrupted (Ctrl-C, a caller's deadline): the job lives in its own session and would outlive us.
+        _kill_session(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     return subprocess.CompletedProcess(cmd, code, stdout, None)
 
 

@@ -13,6 +13,8 @@ from ..lifecycle import abort
 
 __all__ = ["Watchdog"]
 
+_LOOK_AGAIN = object()  # _diagnose: no error yet, the watchdog has set when to look again
+
 
 class Watchdog:
     """One per rank, beside the communication thread. Reads of the counter window stay on the communication
@@ -25,6 +27,7 @@ class Watchdog:
         self._ask = threading.Event()
         self._answered = threading.Event()
         self._diagnosis = None
+        self._looked_again = None  # the step whose diagnosis named no one once already
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -55,6 +58,8 @@ class Watchdog:
             limit = eng.hang_timeout if eng.warm else eng.startup_timeout
             if st is not None and since is not None and time.monotonic() - since > limit:
                 error = self._diagnose(st, limit)
+                if error is _LOOK_AGAIN:
+                    continue
                 if error is None:  # waiting in close() for ranks that are alive and still training
                     eng._busy_since = time.monotonic()
                     continue
@@ -89,14 +94,21 @@ class Watchdog:
         self._ask.set()
         self._answered.wait(min(15.0, limit + 5))
         self._ask.clear()
-        error, silent = self._hang_error(st, limit)
+        error, silent, culprits = self._hang_error(st, limit)
         if self.eng._stopping and self._answered.is_set() and self._diagnosis is not None and not silent:
             return None
+        if culprits == [] and self._looked_again != st.t:
+            # No one to name yet: this rank's step began before the culprit stopped, whose heartbeat is not
+            # stale yet. Look again once it would be; once per step, so that a hang with every rank beating
+            # still fails.
+            self._looked_again = st.t
+            self.eng._busy_since = time.monotonic() - limit + 2 * self.eng._beat_every + 1.5
+            return _LOOK_AGAIN
         return error
 
-    def _hang_error(self, st, limit: float) -> tuple[HangError, dict]:
+    def _hang_error(self, st, limit: float) -> tuple[HangError, dict, list | None]:
         """Name the ranks that never posted this step, or that posted it and then went silent (killed, frozen);
-        with the silent ranks and for how long."""
+        with the silent ranks and for how long, and the ranks named (``None``: the marks could not be read)."""
         eng = self.eng
         what = "hang_timeout" if eng.warm else "startup_timeout"
         root = eng.counter.root
@@ -113,12 +125,12 @@ class Watchdog:
                    f"the counter host rank {root}, on this rank's host {here}, may be stuck or gone, or a lost "
                    f"rank holds the lock of its window")
             return HangError(f"step {st.t}: did not complete within {what}={limit:g}s, and this rank's "
-                             f"communication thread is blocked inside MPI ({why}){others}"), {}
+                             f"communication thread is blocked inside MPI ({why}){others}"), {}, None
         found = self._diagnosis
         if found is None:
             return HangError(f"step {st.t}: the counter host rank {root} on {eng.hosts[root]} did not answer (it "
                              f"is stuck, gone or cut off) and the step did not complete within "
-                             f"{what}={limit:g}s{others}"), {}
+                             f"{what}={limit:g}s{others}"), {}, None
         marks, beats = found
         now_ms = 1e3 * eng.clock.now()
         silent_for = {r: (now_ms - b) / 1e3 for r, b in enumerate(beats)
@@ -132,7 +144,7 @@ class Watchdog:
             culprits = sorted(silent_for)
         where = f", on {self._placed(culprits)}" if culprits else ""
         return HangError(f"step {st.t}: ranks {culprits} did not contribute within {what}={limit:g}s{detail}"
-                         f"{where}"), silent_for
+                         f"{where}"), silent_for, culprits
 
     def _placed(self, ranks: list[int], most: int = 8) -> str:
         """``h2 (ranks 2, 3), h3 (rank 5)``: the hosts of ``ranks``, the first ``most`` of them named."""

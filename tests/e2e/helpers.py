@@ -10,27 +10,41 @@ import time
 import numpy as np
 
 from hvd_backup.train.metrics import of_type, read_metrics, summary_of
-from mpi_tools.launch import run, start
+from mpi_tools.launch import finish, run, start
 
 TRAIN = [sys.executable, "-m", "hvd_backup.train"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Jobs started by background() and not yet ended: tests/conftest.py ends them after every test, so a test that
+# fails (or reaches its deadline) before it ends its job leaves nothing running.
+RUNNING = []
 
 
-def launch(np_: int, args: list[str], *, timeout: float = 240, shm: bool = True, env: dict | None = None,
-           program: list[str] | None = None, **placement):
-    """Run the trainer (or ``program``) on ``np_`` ranks; returns a CompletedProcess with ``stdout`` captured.
-    ``placement``: mpirun's ``options``, ``hosts`` and ``wrapper`` (see :func:`mpi_tools.launch.mpirun_command`)."""
+def launch(np_: int, args: list[str], *, timeout: float = 180, shm: bool = True, env: dict | None = None,
+           program: list[str] | None = None, tag_output: bool = False, **placement):
+    """Run the trainer (or ``program``) on ``np_`` ranks; returns a CompletedProcess with ``stdout`` captured
+    (with ``tag_output``, each line prefixed by ``[job,rank]<stdout|stderr>:``). ``placement``: mpirun's
+    ``options``, ``hosts`` and ``wrapper`` (see :func:`mpi_tools.launch.mpirun_command`)."""
     full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     full_env.update(env or {})
     return run(np_, (program or TRAIN) + list(args), timeout=timeout, shm=shm, env=full_env, capture=True, cwd=ROOT,
-               **placement)
+               tag_output=tag_output, **placement)
 
 
-def background(np_: int, args: list[str], log_path, **placement):
-    """Start the trainer on ``np_`` ranks without waiting; its output goes to ``log_path``."""
+def background(np_: int, args: list[str], log_path, *, shm: bool = True, program: list[str] | None = None,
+               **placement):
+    """Start the trainer (or ``program``) on ``np_`` ranks without waiting; its output goes to ``log_path``.
+    ``placement``: mpirun's ``options``, ``hosts`` and ``wrapper``."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
     log = open(log_path, "w")
-    return start(np_, TRAIN + list(args), env=env, cwd=ROOT, output=log, **placement)
+    proc = start(np_, (program or TRAIN) + list(args), env=env, cwd=ROOT, output=log, shm=shm, **placement)
+    RUNNING.append(proc)
+    return proc
+
+
+def end_background_jobs() -> None:
+    """Kill every job from background() that is still running (all of its processes)."""
+    while RUNNING:
+        finish(RUNNING.pop(), 0)
 
 
 def wait_until(predicate, proc, timeout: float, what: str) -> None:

@@ -1,7 +1,9 @@
-"""Bad input to the trainer, each case a test: one clear line from rank 0, a non-zero exit on every rank, no
-traceback, no hang. The jobs are independent, so they run a few at a time (this machine has 2 cores)."""
+"""Bad input to the trainer, each case a test: one clear line, printed by rank 0, exit code 2 (the job's, which
+mpirun takes from its ranks), no traceback, no hang. The jobs are independent, so they run a few at a time
+(this machine has 2 cores)."""
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from tests.e2e.helpers import TRAIN, launch
 
 NP = 2
+WORKERS, JOB_TIMEOUT = 3, 60
 
 
 def _checkpoints(root):
@@ -80,19 +83,21 @@ def outcomes(tmp_path_factory):
     def one(name):
         args = [a.format(root=root) for a in CASES[name][0]]
         np_ = 1 if name == "different-flags-per-rank" else NP
-        return name, launch(np_, args, timeout=120)
+        return name, launch(np_, args, timeout=JOB_TIMEOUT, tag_output=True)
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         return dict(pool.map(one, CASES))
 
 
+@pytest.mark.deadline(-(-len(CASES) // WORKERS) * JOB_TIMEOUT + 30)  # the first test runs every job
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(outcomes, name):
     message = CASES[name][1]
     proc = outcomes[name]
     out = proc.stdout
-    assert proc.returncode not in (0, 124), f"exit {proc.returncode}:\n{out}"
-    lines = [line for line in out.splitlines() if "hvd-backup-train: error:" in line]
-    assert len(lines) == 1, f"expected one error line from rank 0:\n{out}"
-    assert message in lines[0], lines[0]
+    assert proc.returncode == 2, f"exit {proc.returncode}:\n{out}"
+    # --tag-output: every line starts with [job,rank]<stream>:
+    lines = re.findall(r"^\[\d+,(\d+)\]<std(?:out|err)>:(.*hvd-backup-train: error: .*)$", out, re.M)
+    assert [rank for rank, _ in lines] == ["0"], f"expected one error line, from rank 0:\n{out}"
+    assert message in lines[0][1], lines[0][1]
     assert "Traceback" not in out, out

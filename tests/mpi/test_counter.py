@@ -1,5 +1,8 @@
 """The arrival counter on real ranks: distinct orders, atomic close, stop, marks, and slot reuse."""
 
+import random
+import time
+
 import pytest
 
 from mpi_tools import ArrivalCounter
@@ -26,22 +29,36 @@ def test_constructor_rejects_bad_slots(comm):
 
 
 def test_close_is_atomic_with_arrivals(comm, counter):
+    """Every rank arrives while one rank closes, with no barrier between them and random jitter so that the
+    close lands anywhere among the arrivals, over many steps (and reuses of each word): whatever the
+    interleaving, the close's value counts exactly the arrivals before it, those read the orders 0..m-1, and
+    every later arrival reads the close and the orders m..N-1."""
     need_ranks(comm, 2)
     size, rank = comm.Get_size(), comm.Get_rank()
-    late = size - 1
-    if rank != late:
-        counter.arrive(0)
-    comm.Barrier()
-    if rank == 0:
-        before = counter.close(0)
-        assert ArrivalCounter.decode(before).arrivals == size - 1
-    comm.Barrier()
-    if rank == late:
-        order = counter.arrive(0)
-        assert order >= ArrivalCounter.CLOSE  # excluded by any quorum k <= size
-    comm.Barrier()
-    word = ArrivalCounter.decode(counter.peek(0))
-    assert (word.arrivals, word.closes) == (size, 1)
+    rng = random.Random(rank)
+    middle = 0
+    for t in range(200):
+        closer = t % size
+        jitter = [rng.random() * 2e-4 for _ in range(2)]
+        time.sleep(jitter[0])
+        before = None
+        if rank == closer and t % 2:
+            before = counter.close(t)
+        order = counter.arrive(t)
+        if rank == closer and not t % 2:
+            time.sleep(jitter[1])
+            before = counter.close(t)
+        orders, befores = zip(*comm.allgather((order, before)))  # the step's collective
+        closed = ArrivalCounter.decode(befores[closer])
+        m = closed.arrivals
+        assert closed.closes == 0, (t, befores)
+        words = [ArrivalCounter.decode(o) for o in orders]
+        assert sorted(w.arrivals for w in words if w.closes == 0) == list(range(m)), (t, orders, befores)
+        assert sorted(w.arrivals for w in words if w.closes == 1) == list(range(m, size)), (t, orders, befores)
+        middle += 0 < m < size
+        if rank == counter.root and t > 0:
+            counter.reset(t - 1)
+    assert middle, "the close never fell between two arrivals"
 
 
 def test_stop_and_marks(comm, counter):

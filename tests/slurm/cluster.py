@@ -121,6 +121,19 @@ ReturnToService=2
         raise RuntimeError(f"the local Slurm nodes did not become idle ({states!r}); see {self.root}/*.log")
 
     def stop(self) -> None:
+        """Cancel every job still on this cluster and wait (up to 30 s) for its processes to end, then stop the
+        daemons we started."""
+        if "slurmctld" in self.pids:
+            try:
+                jobs = self.run(["squeue", "-h", "-o", "%i"], timeout=10).stdout.split()
+                if jobs:
+                    self.run(["scancel", *jobs], timeout=10)
+                    for _ in range(60):
+                        if not self.run(["squeue", "-h", "-o", "%i"], timeout=10).stdout.split():
+                            break
+                        time.sleep(0.5)
+            except (OSError, subprocess.SubprocessError):
+                pass  # a controller that does not answer: the daemons go anyway
         for name in sorted(self.pids, key=lambda n: n == "munged"):  # daemons first, munged last
             pid = self.pids[name]
             try:

@@ -14,6 +14,8 @@ from tests.e2e.helpers import ROOT, read_metrics, write_imagefolder
 from tests.slurm.cluster import LocalSlurm
 
 TEMPLATES = ["imagenet.sh", "cifar10.sh", "bench.sh"]
+# Each test: its job's submission and run (two waits of 120 s), or, for the first, installing and starting Slurm.
+pytestmark = pytest.mark.deadline(300)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def sbatch(slurm, work, template, opts=(), args=(), env=None, wait=True, timeout=300):
+def sbatch(slurm, work, template, opts=(), args=(), env=None, wait=True, timeout=120):
     """Submit slurm/<template> from ``work`` (where logs/ is): sbatch ``opts``, trainer flags ``args``.
     With ``wait``, return once the job ended, its exit code as ``returncode`` (like ``sbatch --wait``, which
     polls too slowly for tests)."""
@@ -122,6 +124,7 @@ def test_bench_template_runs_a_tiny_job(slurm, tmp_path):
     assert re.search(r"backup-b1\s+4\s", log), log  # the summary table
 
 
+@pytest.mark.deadline(540)
 def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
     ck = tmp_path / "ck"
     metrics = tmp_path / "m.jsonl"
@@ -131,7 +134,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
                    "--checkpoint-every", "20", "--workers", "0", "--eval-every", "0"], env=env, wait=False)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 150
     while not latest_checkpoint(str(ck)):
         state = _job(slurm, job)
         if state[0] in FINAL_STATES or time.monotonic() > deadline:
