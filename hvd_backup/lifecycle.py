@@ -73,9 +73,22 @@ def _exit_now(linger: float) -> None:
     os._exit(1)
 
 
+def _linger() -> float:
+    """How long a failed process waits before it takes the job down: a rank that failed by itself long enough
+    for the others to print the cause it announced; a rank that found a hang long enough for the others to reach
+    their own verdict (each times the step by itself, and may wait for a diagnosis), so that every rank says
+    what it saw; none for a rank that only relays another's failure."""
+    from .errors import HangError
+
+    if _state["failed"]:
+        return GRACE_S
+    hangs = [opt._hvdb_engine for opt in list(_live) if isinstance(opt._hvdb_engine._error, HangError)]
+    return max((eng.watchdog.verdict_wait() + 2.0 for eng in hangs), default=0.0)
+
+
 def _at_exit() -> None:
     if _failed():
-        _exit_now(GRACE_S if _state["failed"] else 0.0)
+        _exit_now(_linger())
     for opt in list(_live):
         try:
             opt.close()

@@ -24,6 +24,7 @@ class Watchdog:
     def __init__(self, eng, *, abort_grace: float):
         self.eng = eng
         self.abort_grace = abort_grace
+        self.blocked = False  # the last diagnosis found the communication thread blocked inside MPI
         self._ask = threading.Event()
         self._answered = threading.Event()
         self._diagnosis = None
@@ -74,6 +75,15 @@ class Watchdog:
                   flush=True)
             abort(eng.backend.comm)
 
+    def diagnosis_wait(self, limit: float | None = None) -> float:
+        """How long a diagnosis waits for the communication thread to read the marks (blocked inside MPI: never)."""
+        return min(15.0, (self.eng.hang_timeout if limit is None else limit) + 5)
+
+    def verdict_wait(self) -> float:
+        """How much longer than this rank another may take to find the same hang: the diagnosis wait, unless
+        this rank waited that out already (its communication thread was blocked inside MPI)."""
+        return 0.0 if self.blocked else self.diagnosis_wait()
+
     def _since(self) -> float | None:
         """When this rank's part in the current step began: the communication thread's arrival, or, before it,
         the training thread's hand-in that the communication thread has not taken yet. A thread blocked inside
@@ -92,8 +102,9 @@ class Watchdog:
         this rank only waits in ``close()`` and every other rank still beats."""
         self._answered.clear()
         self._ask.set()
-        self._answered.wait(min(15.0, limit + 5))
+        self._answered.wait(self.diagnosis_wait(limit))
         self._ask.clear()
+        self.blocked = not self._answered.is_set()
         error, silent, culprits = self._hang_error(st, limit)
         if self.eng._stopping and self._answered.is_set() and self._diagnosis is not None and not silent:
             return None
