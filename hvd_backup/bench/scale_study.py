@@ -145,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--figures", metavar="JSON", help="only draw the figures of a finished study, beside it")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --out; do the others")
+    parser.add_argument("--ranks", default=None, help="only these N, comma-separated (default: every part's own)")
+    parser.add_argument("--tasks", default="digits,synthetic", help="one-slow: of these tasks")
     parser.add_argument("--quick", action="store_true",
                         help="a few minutes' version: digits, 10 epochs, N = 16 and 64, heavy-tailed delays")
     args = parser.parse_args(argv)
@@ -160,20 +162,25 @@ def main(argv=None) -> int:
     study = Study(args.out, {"compute_s": COMPUTE, "delays": DELAYS, "tasks": TASKS,
                              "network": dataclasses.asdict(Network()),
                              "big_model_network": dataclasses.asdict(BIG_MODEL)}, resume=args.resume)
+    wanted = None if args.ranks is None else {int(x) for x in args.ranks.split(",")}
+
+    def only(ranks):
+        return [n for n in ranks if wanted is None or n in wanted]
+
     if args.quick:
         quick(study)
     else:
         for name in ("digits", "synthetic"):
             if name in parts:
-                compare(study, name, RANKS, "heavy-tailed")
+                compare(study, name, only(RANKS), "heavy-tailed")
         if "one-slow" in parts:  # any b >= 1 drops the slow worker: one b, and auto
-            for name in ("digits", "synthetic"):
-                compare(study, name, RANKS, "one-slow", choose_b=lambda n: [backups(n)[0], backups(n)[2]])
+            for name in args.tasks.split(","):
+                compare(study, name, only(RANKS), "one-slow", choose_b=lambda n: [backups(n)[0], backups(n)[2]])
         if "b-sweep" in parts:  # digits, N = 64: more b beside the 3 and 6 above
-            compare(study, "digits", [64], "heavy-tailed", part="b-sweep",
+            compare(study, "digits", only([64]), "heavy-tailed", part="b-sweep",
                     choose_b=lambda n: [(f"b={b}", b) for b in (1, 13, 32)])
         if "network" in parts:
-            compare(study, "digits", (16, 64, 128), "heavy-tailed", network=BIG_MODEL, part="network",
+            compare(study, "digits", only((16, 64, 128)), "heavy-tailed", network=BIG_MODEL, part="network",
                     choose_b=lambda n: [backups(n)[1]])
     print(f"scale study: {len(study.runs)} runs in {time.monotonic() - study.started:.0f} s", flush=True)
     figures(args.out)
