@@ -5,6 +5,7 @@ sets side by side.
 
     python -m hvd_backup.bench.virtual_validation --out docs/results/virtual_validation.json \\
         --traces docs/results/virtual-traces [--ranks 4,8] [--seeds 3] [--reuse]
+    python -m hvd_backup.bench.virtual_validation --out docs/results/virtual_validation.json --traces - --table
 
 The real ranks share this machine's cores with each other and with whatever else runs, so their compute is
 slower than one rank's alone and changes with the load. Each virtual run therefore takes its compute times from
@@ -60,6 +61,39 @@ def same_included(records: list[dict], work: WorkTimes, b: int, comm_s: float) -
     return float(np.mean([a == v for a, v in zip(real, virtual)]))
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The comparison as a Markdown table: per N and mode, means over seeds of real and virtual final top-1,
+    training seconds and seconds to the target, and the range over seeds of virtual / real."""
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return float(np.mean(xs)) if xs else None
+
+    def ratios(group, key):
+        rs = [r["virtual"][key] / r["real"][key] for r in group
+              if r["virtual"][key] is not None and r["real"][key] is not None]
+        return f"{min(rs):.2f}–{max(rs):.2f}" if rs else "–"
+
+    def cell(x, fmt):
+        return "–" if x is None else format(x, fmt)
+
+    out = ["| N | mode | seeds | final top-1 real / virtual | training s real / virtual (ratio range) "
+           "| s to target real / virtual (ratio range) | same included |", "|" + " --- |" * 7]
+    for key in dict.fromkeys((r["ranks"], r["mode"]) for r in rows):
+        group = [r for r in rows if (r["ranks"], r["mode"]) == key]
+        reached = [sum(r[side]["time_to_target_s"] is not None for r in group) for side in ("real", "virtual")]
+        same = mean([r.get("same_included") for r in group])
+        out.append(
+            f"| {key[0]} | {key[1]} | {len(group)} "
+            f"| {mean([r['real']['final_top1'] for r in group]):.3f} / {mean([r['virtual']['final_top1'] for r in group]):.3f} "
+            f"| {mean([r['real']['time_s'] for r in group]):.1f} / {mean([r['virtual']['time_s'] for r in group]):.1f} "
+            f"({ratios(group, 'time_s')}) "
+            f"| {cell(mean([r['real']['time_to_target_s'] for r in group]), '.1f')} / "
+            f"{cell(mean([r['virtual']['time_to_target_s'] for r in group]), '.1f')} ({ratios(group, 'time_to_target_s')}"
+            f"{'' if reached[0] == reached[1] == len(group) else f'; reached {reached[0]} / {reached[1]}'}) "
+            f"| {cell(same, '.2f')} |")
+    return "\n".join(out)
+
+
 def _flags(mode: str) -> list[str]:
     return TASKS["digits"][0] + MODES[mode]
 
@@ -72,7 +106,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--modes", default="sync,backup b=1,backup b=2,async")
     parser.add_argument("--reuse", action="store_true", help="reuse metrics files already in --traces")
+    parser.add_argument("--table", action="store_true", help="only print the table of a finished --out")
     args = parser.parse_args(argv)
+    if args.table:
+        with open(args.out) as f:
+            print(markdown_table(json.load(f)["rows"]))
+        return 0
     import torch
 
     torch.set_num_threads(1)
@@ -122,6 +161,7 @@ def main(argv=None) -> int:
                       + (f"  same included {row['same_included']:.2f}" if kind == "backup" else ""), flush=True)
                 with open(args.out, "w") as f:  # after every row: a long validation is usable while it runs
                     json.dump({"straggler": STRAGGLER, "target": TARGET, "rows": rows}, f, indent=1)
+    print(markdown_table(rows))
     return 0
 
 
