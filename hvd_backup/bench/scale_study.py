@@ -120,7 +120,8 @@ class Study:
 
 
 def compare(study: Study, task_name: str, ranks, delay: str, *, task: dict | None = None,
-            network: Network | None = None, part: str | None = None, choose_b=backups) -> None:
+            network: Network | None = None, part: str | None = None, choose_b=backups,
+            with_async: bool = True) -> None:
     """Sync, backup workers (``choose_b(n)``: labels and b) and async on one task and delay model, every N."""
     task, network, spec = task or TASKS[task_name], network or Network(), DELAYS[delay]
     tags = dict(part=part or task_name, task=task_name, delay=delay)
@@ -130,7 +131,7 @@ def compare(study: Study, task_name: str, ranks, delay: str, *, task: dict | Non
         for label, b in choose_b(n):
             if not study.done(tags, n, label):
                 study.add(_job(task, n, "backup", b, spec, network).run(), label=label, **tags)
-        if not study.done(tags, n, "async"):
+        if with_async and not study.done(tags, n, "async"):
             study.add(_job(task, n, "async", 0, spec, network).run(), label="async", **tags)
 
 
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
                 compare(study, name, only(RANKS), "one-slow", choose_b=lambda n: [backups(n)[0], backups(n)[2]])
         if "b-sweep" in parts:  # digits, N = 64: more b beside the 3 and 6 above
             compare(study, "digits", only([64]), "heavy-tailed", part="b-sweep",
-                    choose_b=lambda n: [(f"b={b}", b) for b in (1, 13, 32)])
+                    choose_b=lambda n: [(f"b={b}", b) for b in (1, 13, 32)], with_async=False)
         if "network" in parts:
             compare(study, "digits", only((16, 64, 128)), "heavy-tailed", network=BIG_MODEL, part="network",
                     choose_b=lambda n: [backups(n)[1]])
