@@ -140,17 +140,21 @@ def scale_vs_n(runs: list[dict], path: str, parts=("digits", "synthetic")) -> No
         runs_here = [r for r in runs if r["part"] == part]
         for delay, ls in (("heavy-tailed", "-"), ("one-slow", ":")):
             for label, (color, _) in _STYLE.items():
-                rs = sorted((r for r in runs_here if r["delay"] == delay and _label(r) == label), key=lambda r: r["ranks"])
+                rs = sorted((r for r in runs_here if r["delay"] == delay and _label(r) == label),
+                            key=lambda r: r["ranks"])
                 if not rs:
                     continue
                 ns = [r["ranks"] for r in rs]
-                row[0].plot(ns, [r["final_top1"] for r in rs], "o", color=color, ls=ls, ms=3, label=f"{label}, {delay}")
+                row[0].plot(ns, [r["final_top1"] for r in rs], "o", color=color, ls=ls, ms=3,
+                            label=f"{label}, {delay}")
                 reached = [(r["ranks"], r["time_to_target_s"]) for r in rs if r["time_to_target_s"] is not None]
                 if reached:
                     row[1].plot(*zip(*reached), "o", color=color, ls=ls, ms=3)
                 if label == "async":
-                    row[2].plot(ns, [r["mean_staleness"] for r in rs], "o", color=color, ls=ls, ms=3, label=f"mean, {delay}")
-                    row[2].plot(ns, [r["p99_staleness"] for r in rs], "^", color="grey", ls=ls, ms=3, label=f"p99, {delay}")
+                    row[2].plot(ns, [r["mean_staleness"] for r in rs], "o", color=color, ls=ls, ms=3,
+                                label=f"mean, {delay}")
+                    row[2].plot(ns, [r["p99_staleness"] for r in rs], "^", color="grey", ls=ls, ms=3,
+                                label=f"p99, {delay}")
         target = runs_here[0]["target"] if runs_here else None
         row[0].set_title(f"{part}: final test top-1", fontsize=9)
         row[1].set_title(f"{part}: simulated seconds to top-1 {target}", fontsize=9)

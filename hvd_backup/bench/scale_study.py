@@ -7,9 +7,10 @@ heavy-tailed delays on every worker and with one persistently slow worker.
 
 Parts (``--only``), in this order: ``digits`` and ``synthetic`` (every N, heavy-tailed delays; sync, b of about
 5% and 10% of N, auto, async), ``one-slow`` (both tasks, one slow worker; sync, b of about 5%, auto, async),
-``b-sweep`` (digits, N = 64: more values of b) and ``network`` (digits with a ResNet-50-sized model on the wire:
-what communication costs each mode). Results are written after every run; ``--resume`` keeps
-the runs already in ``--out`` and does the others. Every mode trains the same epochs with the
+``b-sweep`` (digits, N = 64: more values of b), ``network`` (digits with a ResNet-50-sized model on the wire:
+what communication costs each mode) and ``clocks`` (the time of a whole run per mode from the clocks alone,
+N = 8 to 128, with either model on the wire: no training, seconds). Results are written after every run;
+``--resume`` keeps the runs already in ``--out`` and does the others. Every mode trains the same epochs with the
 trainer's learning-rate rule (the rate scales with the samples per update: (N - b) x batch for sync and backup,
 one batch for async). Each worker computes for ``COMPUTE`` seconds per gradient plus its delays; the network is
 the planner's default (12.5 GB/s, 5 us, ring allreduce, 2 us counter atomics). One core.
@@ -27,7 +28,7 @@ import time
 import numpy as np
 
 from ..planning.simulate import simulate
-from ..planning.virtual import Network, VirtualJob, WorkTimes
+from ..planning.virtual import AsyncSchedule, Network, VirtualJob, WorkTimes
 from ..train.config import parse_args
 
 COMPUTE = 0.02  # seconds of compute per gradient, as long as the median delay below
@@ -78,6 +79,7 @@ class Study:
             with open(path) as f:
                 done = json.load(f)
             self.runs, self.earlier_s = done["runs"], done.get("seconds", 0.0)
+            self.meta.update({k: v for k, v in done.items() if k not in self.meta and k not in ("runs", "seconds")})
         self._sync: dict[tuple, tuple[dict, dict]] = {}
         self.started = time.monotonic()
 
@@ -95,6 +97,9 @@ class Study:
         print(f"{result['part']:9s} {result['delay']:12s} N={result['ranks']:<4d} {result['mode']:6s} {b:7s} "
               f"top1 {result['final_top1']:.4f}  time {result['time_s']:8.1f}s  to target {reached:>7s}s  {extra}  "
               f"({result['wall_s']:.0f}s)", flush=True)
+        self.save()
+
+    def save(self) -> None:
         with open(self.path, "w") as f:
             json.dump(dict(self.meta, seconds=self.earlier_s + time.monotonic() - self.started, runs=self.runs), f)
 
@@ -135,7 +140,32 @@ def compare(study: Study, task_name: str, ranks, delay: str, *, task: dict | Non
             study.add(_job(task, n, "async", 0, spec, network).run(), label="async", **tags)
 
 
-PARTS = ("digits", "synthetic", "one-slow", "b-sweep", "network")
+def clocks(study: Study, ranks=(8, 16, 32, 64, 128)) -> None:
+    """Seconds of a whole digits run, heavy-tailed delays, for sync, b of about 10% of N and async, on the clocks
+    alone (no training: a run's time does not depend on what it learns), with the study's model and with the big
+    one on the wire: the N at which moving the model makes async fall behind."""
+    spec, task, rows = DELAYS["heavy-tailed"], TASKS["digits"], []
+    nbytes = _job(task, 8, "sync", 0, spec, Network()).nbytes
+    for name, network in (("small", Network()), ("big", BIG_MODEL)):
+        size = network.model_bytes or nbytes
+        for n in ranks:
+            steps, b = _steps(task, n), backups(n)[1][1]
+
+            def work():
+                return WorkTimes(n, compute=COMPUTE, straggler=spec)
+
+            sync = simulate(n, 0, steps, work(), network.step_s(n, size, counter=False))
+            backup = simulate(n, b, steps, work(), network.step_s(n, size, counter=True))
+            schedule = AsyncSchedule(n, work(), move_s=network.transfer_s(size), update_s=network.update_s())
+            rows.append(dict(model=name, ranks=n, steps=steps, b=b, sync_s=sync["time"], backup_s=backup["time"],
+                             async_s=schedule.run(steps * n)))
+            r = rows[-1]
+            print(f"clocks    {name:5s} model  N={n:<4d} sync {r['sync_s']:7.1f}s  b={b:<3d} {r['backup_s']:7.1f}s  "
+                  f"async {r['async_s']:7.1f}s", flush=True)
+    study.meta["clocks"] = rows
+
+
+PARTS = ("digits", "synthetic", "one-slow", "b-sweep", "network", "clocks")
 # ResNet-50's 25.6M parameters on the wire (the compute stays the small CNN's): what moving a real model costs.
 BIG_MODEL = Network(model_bytes=25.6e6 * 4)
 
@@ -183,6 +213,9 @@ def main(argv=None) -> int:
         if "network" in parts:
             compare(study, "digits", only((16, 64, 128)), "heavy-tailed", network=BIG_MODEL, part="network",
                     choose_b=lambda n: [backups(n)[1]])
+        if "clocks" in parts:
+            clocks(study, only((8, 16, 32, 64, 128)))
+            study.save()
     print(f"scale study: {len(study.runs)} runs in {time.monotonic() - study.started:.0f} s", flush=True)
     figures(args.out)
     return 0

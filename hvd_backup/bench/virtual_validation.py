@@ -82,15 +82,14 @@ def markdown_table(rows: list[dict]) -> str:
         group = [r for r in rows if (r["ranks"], r["mode"]) == key]
         reached = [sum(r[side]["time_to_target_s"] is not None for r in group) for side in ("real", "virtual")]
         same = mean([r.get("same_included") for r in group])
+        real, virtual = ({k: mean([r[side][k] for r in group]) for k in ("final_top1", "time_s", "time_to_target_s")}
+                         for side in ("real", "virtual"))
+        missed = "" if reached[0] == reached[1] == len(group) else f"; reached {reached[0]} / {reached[1]}"
         out.append(
-            f"| {key[0]} | {key[1]} | {len(group)} "
-            f"| {mean([r['real']['final_top1'] for r in group]):.3f} / {mean([r['virtual']['final_top1'] for r in group]):.3f} "
-            f"| {mean([r['real']['time_s'] for r in group]):.1f} / {mean([r['virtual']['time_s'] for r in group]):.1f} "
-            f"({ratios(group, 'time_s')}) "
-            f"| {cell(mean([r['real']['time_to_target_s'] for r in group]), '.1f')} / "
-            f"{cell(mean([r['virtual']['time_to_target_s'] for r in group]), '.1f')} ({ratios(group, 'time_to_target_s')}"
-            f"{'' if reached[0] == reached[1] == len(group) else f'; reached {reached[0]} / {reached[1]}'}) "
-            f"| {cell(same, '.2f')} |")
+            f"| {key[0]} | {key[1]} | {len(group)} | {real['final_top1']:.3f} / {virtual['final_top1']:.3f} "
+            f"| {real['time_s']:.1f} / {virtual['time_s']:.1f} ({ratios(group, 'time_s')}) "
+            f"| {cell(real['time_to_target_s'], '.1f')} / {cell(virtual['time_to_target_s'], '.1f')} "
+            f"({ratios(group, 'time_to_target_s')}{missed}) | {cell(same, '.2f')} |")
     return "\n".join(out)
 
 
