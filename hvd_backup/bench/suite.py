@@ -162,6 +162,20 @@ def accuracy(out: str, quick: bool) -> dict:
     return result
 
 
+@experiment("scale")
+def scale(out: str, quick: bool) -> dict:
+    """Sync, backup workers and async on 16 and 64 virtual workers (the quick scale study; the full one is
+    ``python -m hvd_backup.bench.scale_study``, see docs/RESULTS.md)."""
+    import subprocess
+
+    path = os.path.join(out, "scale_quick.json")
+    cmd = [sys.executable, "-m", "hvd_backup.bench.scale_study", "--quick", "--out", path]
+    print("+", " ".join(cmd[1:]), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit("bench: the scale study failed")
+    return _load(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hvd_backup.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (few steps, one repetition)")

@@ -22,7 +22,13 @@ from .metrics import MetricsFile, format_step
 from .models import build_model, default_arch, model_names
 from .optimizers import broadcast_initial, make_optimizer, start_horovod
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "step_seed"]
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of ``rank``'s forward and backward at global ``step`` (dropout etc.): a function of the
+    step, so that a re-run, or a virtual worker, draws the same."""
+    return hash((seed, rank, step)) & 0x7FFF_FFFF
 
 
 def _local_rank() -> int:
@@ -84,13 +90,18 @@ class Trainer:
     def _identity(self) -> dict:
         return {"arch": self.arch, "dataset": self.cfg.dataset, "num_classes": self.split.num_classes}
 
-    def _sampler(self, epoch: int, start: int) -> ShardBatches:
-        return ShardBatches(len(self.split.train), rank=self.rank, size=self.size, batch_size=self.cfg.batch_size,
-                            seed=self.cfg.seed, epoch=epoch, start=start)
+    def _sampler(self, epoch: int, start: int, rank: int | None = None) -> ShardBatches:
+        return ShardBatches(len(self.split.train), rank=self.rank if rank is None else rank, size=self.size,
+                            batch_size=self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, start=start)
+
+    def shard(self, epoch: int, start_step: int, rank: int | None = None) -> ShardBatches:
+        """``rank``'s (default: this rank's) batches of ``epoch`` from the epoch's global step ``start_step`` on
+        (with --mode async a global step is one rank's update: N of them per batch of each rank)."""
+        start = start_step // self.size if self.cfg.mode == "async" else start_step
+        return self._sampler(epoch, start, rank)
 
     def _batches(self, epoch: int, start_step: int):
-        start = start_step // self.size if self.cfg.mode == "async" else start_step
-        return iter(shard_loader(self.split.train, self._sampler(epoch, start), workers=self.cfg.workers,
+        return iter(shard_loader(self.split.train, self.shard(epoch, start_step), workers=self.cfg.workers,
                                  pin_memory=self.device.type == "cuda"))
 
     def setup(self) -> None:
@@ -195,7 +206,7 @@ class Trainer:
                 x, y = next(batches)
             for group in opt.param_groups:
                 group["lr"] = self.lr_at(v)
-            torch.manual_seed(hash((cfg.seed, rank, v)) & 0x7FFF_FFFF)  # dropout etc.: a function of the step
+            torch.manual_seed(step_seed(cfg.seed, rank, v))
             # An injected straggler is slow to produce its gradient (like slow data or compute): the delay comes
             # before the forward pass, so no allreduce (Horovod starts them during backward) hides it.
             self.injector.sleep(v, last_compute)
