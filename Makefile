@@ -11,7 +11,7 @@ export HVD_BACKUP_TEST_TIMEOUT ?= 240
 export HVD_BACKUP_JUNIT_DIR ?= reports
 MPI_PYTEST := $(PY) -m mpi4py -m pytest tests/mpi -q --color=no -p no:cacheprovider --capture=sys
 
-.PHONY: setup demo test test-unit test-mpi test-conformance test-horovodrun test-train test-faults test-slurm test-multihost bench clean
+.PHONY: setup demo test test-unit test-mpi test-mpi-np4 test-conformance test-horovodrun test-train test-faults test-slurm test-multihost bench clean
 
 setup: $(STAMP)
 
@@ -27,11 +27,14 @@ test: setup test-unit test-mpi test-conformance test-horovodrun test-train test-
 test-unit: setup
 	$(PY) -m pytest tests/unit -q --color=no
 
-# The multi-rank suite on 2 and 4 ranks, and again on 4 without shared memory (TCP only, like nodes without RDMA).
+# The multi-rank suite on 2 ranks with shared memory and on 4 without (TCP only, like nodes without RDMA); 4 ranks
+# with shared memory run the conformance suite and the fault jobs (`make test-mpi-np4` runs this suite there too).
 test-mpi: setup
 	HVD_BACKUP_RUN_TAG=np2 $(LAUNCH) -np 2 --timeout 600 -- $(MPI_PYTEST)
-	HVD_BACKUP_RUN_TAG=np4 $(LAUNCH) -np 4 --timeout 600 -- $(MPI_PYTEST)
 	HVD_BACKUP_RUN_TAG=np4-noshm $(LAUNCH) -np 4 --no-shm --timeout 600 -- $(MPI_PYTEST)
+
+test-mpi-np4: setup
+	HVD_BACKUP_RUN_TAG=np4 $(LAUNCH) -np 4 --timeout 600 -- $(MPI_PYTEST)
 
 # Users' own training loops through the public API (tests/conformance), on 2 and 4 ranks and both backends;
 # then, one job each, the idioms whose failure takes a job down and the failure idioms (a rank raises, freezes).
