@@ -21,7 +21,7 @@ __all__ = ["abort", "announce", "register", "unregister"]
 
 _live = weakref.WeakSet()  # optimizers not closed yet
 _state = {"installed": False, "failed": False}
-GRACE_S = 1.5  # a failed rank lingers this long after announcing, so the others print the cause first
+GRACE_S = 3.0  # a failed rank lingers this long after announcing, so the others print the cause first
 
 
 def register(opt) -> None:
@@ -77,13 +77,13 @@ def _linger() -> float:
     """How long a failed process waits before it takes the job down: a rank that failed by itself long enough
     for the others to print the cause it announced; a rank that found a hang long enough for the others to reach
     their own verdict (each times the step by itself, and may wait for a diagnosis), so that every rank says
-    what it saw; none for a rank that only relays another's failure."""
+    what it saw; a rank that relays another's failure as long as the failed one, so that all of them print it."""
     from .errors import HangError
 
     if _state["failed"]:
         return GRACE_S
     hangs = [opt._hvdb_engine for opt in list(_live) if isinstance(opt._hvdb_engine._error, HangError)]
-    return max((eng.watchdog.verdict_wait() + 2.0 for eng in hangs), default=0.0)
+    return max((eng.watchdog.verdict_wait() + 2.0 for eng in hangs), default=GRACE_S)
 
 
 def _at_exit() -> None:
@@ -101,7 +101,8 @@ def abort(comm) -> None:
     """End every rank of the job: ``MPI_Abort`` on ``comm``, and this process in any case a few seconds later
     (an abort can block where the network to the launcher is gone)."""
     sys.stdout.flush()
-    sys.stderr.flush()
+    name = comm.Get_name() or f"a communicator of {comm.Get_size()} ranks"
+    print(f"hvd_backup: rank {comm.Get_rank()}: ending the job (MPI_Abort on {name})", file=sys.stderr, flush=True)
     last_resort = threading.Timer(5.0, os._exit, (1,))
     last_resort.daemon = True
     last_resort.start()
