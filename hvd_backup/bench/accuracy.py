@@ -32,6 +32,17 @@ MODES = {
 }
 
 
+def train_run(np_: int, flags: list[str], seed: int, eval_every: int, metrics: str, what: str) -> None:
+    """One real ``hvd-backup-train`` job on ``np_`` ranks with the experiments' straggler and evaluation
+    settings, its metrics into ``metrics``; exits with ``what`` and the job's output if it fails."""
+    cmd = [sys.executable, "-m", "hvd_backup.train", *flags, "--seed", str(seed), "--straggler", STRAGGLER,
+           "--eval-every", str(eval_every), "--print-freq", "100000", "--metrics", metrics, "--progress", "lines"]
+    proc = run(np_, cmd, timeout=900, capture=True)
+    if proc.returncode != 0:
+        print(proc.stdout, file=sys.stderr)
+        raise SystemExit(f"{what} seed {seed} failed ({proc.returncode})")
+
+
 def curve(path: str) -> dict:
     records = read_metrics(path)
     evals = of_type(records, "eval")
@@ -59,13 +70,7 @@ def main(argv=None) -> int:
                 for seed in range(seeds):
                     metrics = os.path.join(tmp, f"{task}-{mode}-{seed}.jsonl".replace(" ", "_").replace("=", ""))
                     every = eval_every * (NP if mode == "async" else 1)  # async counts one rank's update as a step
-                    cmd = [sys.executable, "-m", "hvd_backup.train", *flags, *mode_flags, "--seed", str(seed),
-                           "--straggler", STRAGGLER, "--eval-every", str(every), "--print-freq", "100000",
-                           "--metrics", metrics, "--progress", "lines"]
-                    proc = run(NP, cmd, timeout=900, capture=True)
-                    if proc.returncode != 0:
-                        print(proc.stdout, file=sys.stderr)
-                        raise SystemExit(f"accuracy: {task} {mode} seed {seed} failed ({proc.returncode})")
+                    train_run(NP, [*flags, *mode_flags], seed, every, metrics, f"accuracy: {task} {mode}")
                     runs.append(curve(metrics))
                     print(f"{task:16s} {mode:12s} seed {seed}: top1 {runs[-1]['final_top1']:.4f} in "
                           f"{runs[-1]['wall_s']:.1f}s", flush=True)

@@ -20,17 +20,14 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
-
-from mpi_tools.launch import run as mpirun
 
 from ..planning.simulate import simulate
 from ..planning.virtual import Network, WorkTimes, run, trace_compute
 from ..train.config import parse_args
 from ..train.metrics import of_type, read_metrics, summary_of
-from .accuracy import MODES, STRAGGLER, TASKS
+from .accuracy import MODES, STRAGGLER, TASKS, train_run
 
 TARGET = 0.95  # digits, as in the accuracy experiment
 
@@ -128,13 +125,7 @@ def main(argv=None) -> int:
                 if not (args.reuse and os.path.exists(path)):
                     if os.path.exists(path):
                         os.remove(path)  # the trainer appends
-                    cmd = [sys.executable, "-m", "hvd_backup.train", *_flags(mode), "--seed", str(seed),
-                           "--straggler", STRAGGLER, "--eval-every", str(every), "--print-freq", "100000",
-                           "--metrics", path, "--progress", "lines"]
-                    proc = mpirun(n, cmd, timeout=900, capture=True)
-                    if proc.returncode != 0:
-                        print(proc.stdout, file=sys.stderr)
-                        raise SystemExit(f"virtual_validation: N={n} {mode} seed {seed} failed ({proc.returncode})")
+                    train_run(n, _flags(mode), seed, every, path, f"virtual_validation: N={n} {mode}")
                 records = read_metrics(path)
                 real = real_curve(records)
                 table, info = trace_compute(path, straggler=STRAGGLER, seed=seed)
