@@ -29,6 +29,7 @@ import ipaddress
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,6 +141,9 @@ class Hosts:
         """Create the bridge, the hosts and their links, and the agent. Removes a half-made set on failure."""
         if os.geteuid() != 0:
             raise PermissionError("emulated hosts need root (network namespaces, links on a bridge)")
+        missing = [tool for tool in ("ip", "tc", "nsenter", "unshare", "setsid") if not shutil.which(tool)]
+        if missing:
+            raise FileNotFoundError(f"emulated hosts need {', '.join(missing)} (iproute2 and util-linux)")
         if os.path.exists(self.state) or _ip("link", "show", self.bridge, check=False).returncode == 0:
             raise FileExistsError(f"hosts with prefix {self.prefix!r} exist already: "
                                   f"`python -m mpi_tools.hosts down --prefix {self.prefix}` removes them")

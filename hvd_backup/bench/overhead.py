@@ -26,7 +26,8 @@ from mpi_tools import ArrivalCounter, StragglerInjector
 from ..planning.simulate import simulate
 from .common import start_horovod_job, time_one_rank
 
-SIZES = {"1M": (784, [1024, 256]), "10M": (1024, [2048, 2048, 2048])}
+# MLPs by parameter count: input width, hidden widths (10 classes).
+SIZES = {"1M": (784, [1024, 256]), "6M": (784, [2048, 2048]), "10M": (1024, [2048, 2048, 2048])}
 SPECS = ["fixed:delay=0.1,rank=3", "exp:mean=0.02", "lognormal:median=0.01,sigma=1"]
 
 
@@ -43,19 +44,22 @@ def build(size: str, seed: int = 0):
 
 
 def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmup: int = 3,
-        trace: str | None = None, auto_max: int | None = None) -> dict:
-    """Train ``steps`` global steps with ``variant`` ("horovod", "b0", "b1", ..., "auto"); rank 0's wall time,
-    this rank's compute times, and (ours) the step records; rank 0 writes them to ``trace`` in the trainer's
-    metrics format when given."""
+        trace: str | None = None, auto_max: int | None = None, backend: str = "horovod") -> dict:
+    """Train ``steps`` global steps with ``variant`` ("horovod", "ddp", "b0", "b1", ..., "auto"; ours on
+    ``backend``); rank 0's wall time, this rank's compute times, and (ours) the step records; rank 0 writes them
+    to ``trace`` in the trainer's metrics format when given. "ddp" needs torch.distributed's default group."""
     comm = MPI.COMM_WORLD
     model, x, y = build(size)
     base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    ours = variant != "horovod"
+    ours = variant not in ("horovod", "ddp")
     if variant == "auto":
         opt = hvd_backup.DistributedOptimizer(base, model.named_parameters(), backup_workers="auto", auto_every=10,
-                                              max_backup_workers=auto_max)
+                                              max_backup_workers=auto_max, backend=backend)
     elif ours:
-        opt = hvd_backup.DistributedOptimizer(base, model.named_parameters(), backup_workers=int(variant[1:]))
+        opt = hvd_backup.DistributedOptimizer(base, model.named_parameters(), backup_workers=int(variant[1:]),
+                                              backend=backend)
+    elif variant == "ddp":
+        model, opt = torch.nn.parallel.DistributedDataParallel(model), base
     else:
         opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters())
     injector = StragglerInjector(spec, rank=comm.Get_rank(), size=comm.Get_size(), seed=5)
@@ -96,7 +100,7 @@ def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmu
 def part_a(hvd, steps: int, reps: int) -> dict:
     comm = MPI.COMM_WORLD
     results = {}
-    for size in SIZES:
+    for size in ("1M", "10M"):
         per = {v: [] for v in ("horovod", "b0", "b1")}
         where = {}
         for _ in range(reps):

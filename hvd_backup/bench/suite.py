@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -27,10 +28,12 @@ def experiment(name):
     return register
 
 
-def _job(np_: int, module: str, args: list[str], *, shm: bool = True, timeout: float = 1800) -> None:
+def _job(np_: int, module: str, args: list[str], *, shm: bool = True, timeout: float = 1800, **placement) -> None:
+    """Run ``module`` on ``np_`` ranks; ``placement``: on emulated hosts (:meth:`mpi_tools.hosts.Hosts.placement`)."""
     cmd = [sys.executable, "-m", module, *args]
-    print("+ mpirun -np", np_, "" if shm else "(no shared memory)", " ".join(cmd[1:]), flush=True)
-    proc = run(np_, cmd, timeout=timeout, shm=shm)
+    where = f"--host {placement['hosts']}" if placement.get("hosts") else f"-np {np_}"
+    print("+ mpirun", where, "" if shm else "(no shared memory)", " ".join(cmd[1:]), flush=True)
+    proc = run(np_, cmd, timeout=timeout, shm=shm, **placement)
     if proc.returncode != 0:
         raise SystemExit(f"bench: {module} failed with exit code {proc.returncode}")
 
@@ -139,6 +142,48 @@ def counter_cost(out: str, quick: bool) -> list:
     return rows
 
 
+@experiment("multihost")
+def multihost(out: str, quick: bool) -> dict:
+    """4 ranks on 2 emulated hosts (2 each), the link between them unlimited and then limited with tbf: step time
+    of ours (b = 0, 1, both backends) against Horovod's optimizer and DDP. Skipped where hosts cannot be made."""
+    from mpi_tools.hosts import Hosts
+
+    spec, rate = "h1:2,h2:2", "200mbit"
+    # Steps per link: a step over the limited link takes seconds.
+    steps = {"unlimited": "3", rate: "3"} if quick else {"unlimited": "15", rate: "6"}
+    try:
+        hosts = Hosts(2, prefix=f"bench{os.getpid()}"[:10]).up()
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"multihost: skipped, no emulated hosts here: {exc}")
+        return {"skipped": str(exc)}
+    results = {}
+    try:
+        for link in ("unlimited", rate):
+            if link != "unlimited":
+                for host in hosts.hosts:  # every host's link: what leaves h1 and what reaches h2, and back
+                    hosts.limit(host, rate, burst="256kb")
+            path = os.path.join(out, f"multihost_{link}.json")
+            # One-sided MPI over UCX between hosts; DDP's gloo on the hosts' interface.
+            placement = hosts.placement(spec, options=("--mca", "osc", "ucx", "-x", "GLOO_SOCKET_IFNAME=eth0"))
+            _job(4, "hvd_backup.bench.multihost", ["--steps", steps[link], "--warmup", "2", "--out", path,
+                                                   "--master-addr", hosts["h1"].address], timeout=900, **placement)
+            results[link] = _load(path)
+            os.remove(path)
+    finally:
+        hosts.down()
+    with open(os.path.join(out, "multihost.json"), "w") as f:
+        json.dump({"spec": spec, "links": results}, f, indent=1)
+    from .multihost import VARIANTS
+
+    labels = [label for label, _, _ in VARIANTS]
+    _table(f"4 ranks on 2 hosts ({spec}), no stragglers: ms per step [over Horovod's optimizer]",
+           [11, 6, 11, *[16] * len(labels)], ["link", "model", "params", *labels],
+           [[link, size, f"{r['params']:,d}", *(f"{r['ms_per_step'][k]:.1f} [{r['over_horovod'][k]:.2f}]"
+                                                for k in labels)]
+            for link, result in results.items() for size, r in result["sizes"].items()])
+    return results
+
+
 @experiment("accuracy")
 def accuracy(out: str, quick: bool) -> dict:
     from . import plots
@@ -146,8 +191,6 @@ def accuracy(out: str, quick: bool) -> dict:
     path = os.path.join(out, "accuracy.json")
     cmd = [sys.executable, "-m", "hvd_backup.bench.accuracy", "--out", path] + (["--quick"] if quick else [])
     print("+", " ".join(cmd[1:]), flush=True)
-    import subprocess
-
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit("bench: the accuracy experiment failed")
     result = _load(path)

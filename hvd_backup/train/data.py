@@ -9,13 +9,13 @@ on it even when a slow rank computes fewer batches.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from ..errors import UserError
@@ -40,10 +40,22 @@ class Split:
     image_size: int
 
 
-def _digits(seed: int) -> Split:
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``load_digits(return_X_y=True)`` gives them, read from the file that scikit-learn
+    ships (a row per image: 64 pixels, then the label) when it is where it has always been: importing
+    ``sklearn.datasets`` next to torch costs 2.5 s of CPU, which every rank of a job paid at start."""
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else ""
+    if os.path.isfile(path):
+        rows = np.loadtxt(path, delimiter=",")
+        return rows[:, :-1], rows[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
-    x, y = load_digits(return_X_y=True)
+    return load_digits(return_X_y=True)
+
+
+def _digits(seed: int) -> Split:
+    x, y = _load_digits()
     x = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
     x = (x - 0.3) / 0.4
     y = torch.tensor(y, dtype=torch.long)
@@ -62,6 +74,7 @@ def _require_dir(path: str | None, what: str) -> str:
 
 
 def _cifar10(root: str | None, download: bool) -> Split:
+    from torchvision import datasets
     from torchvision import transforms as T
 
     root = root or "data/cifar10"
@@ -70,7 +83,7 @@ def _cifar10(root: str | None, download: bool) -> Split:
     norm = T.Normalize(CIFAR_MEAN, CIFAR_STD)
     train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     test_tf = T.Compose([T.ToTensor(), norm])
-    cls = torchvision.datasets.CIFAR10 if download else _CIFAR10OnDisk
+    cls = datasets.CIFAR10 if download else _cifar10_on_disk()
     try:
         train = cls(root, train=True, transform=train_tf, download=download)
         test = cls(root, train=False, transform=test_tf, download=download)
@@ -80,20 +93,25 @@ def _cifar10(root: str | None, download: bool) -> Split:
     return Split(train, test, 10, 3, 32)
 
 
-class _CIFAR10OnDisk(torchvision.datasets.CIFAR10):
+def _cifar10_on_disk():
     """torchvision's CIFAR10 reading any copy in the on-disk format. torchvision checks the files against the
     official MD5 sums, which refuses a copy converted or subsetted elsewhere; here the format is checked by
-    loading it, and a missing file is named."""
+    loading it, and a missing file is named. (Made on first use: importing torchvision takes seconds, which
+    every rank of a job on the digits would pay at start.)"""
+    from torchvision.datasets import CIFAR10
 
-    meta = dict(torchvision.datasets.CIFAR10.meta, md5=None)
+    class CIFAR10OnDisk(CIFAR10):
+        meta = dict(CIFAR10.meta, md5=None)
 
-    def _check_integrity(self) -> bool:
-        folder = os.path.join(self.root, self.base_folder)
-        names = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-        missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-        if missing:
-            raise RuntimeError(f"missing {', '.join(missing)} in {folder}")
-        return True
+        def _check_integrity(self) -> bool:
+            folder = os.path.join(self.root, self.base_folder)
+            names = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+            missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+            if missing:
+                raise RuntimeError(f"missing {', '.join(missing)} in {folder}")
+            return True
+
+    return CIFAR10OnDisk
 
 
 def _imagenet(root: str | None, image_size: int) -> Split:

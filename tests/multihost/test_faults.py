@@ -1,6 +1,6 @@
 """What a cluster's network and nodes do to a job, on 2 emulated hosts with 2 ranks each (rank 0, the counter's
-host, and mpirun on h1): a host's link cut (a partition) on either side, a whole host lost at once, and a
-rate-limited link.
+host, and mpirun on h1): a host's link cut (a partition) on either side, a rate-limited link, and a whole host
+lost at once.
 
 For a lost link or host the requirement is: every rank on both sides exits within a stated time, with an error
 that names the missing ranks or their host, nothing is left running on any host (the cut-off side must notice on
@@ -80,23 +80,25 @@ def note(request, record_testsuite_property):
     return note
 
 
-def strike(hosts, tmp_path, note, fault, *, watch: float, hang: float = HANG, options=(),
-           launcher: bool = True) -> Outcome:
-    """Train on 4 ranks across h1 and h2 until step 8 and a checkpoint, call ``fault()``, then watch every
-    rank, and unless ``launcher`` is false mpirun and its daemons, for up to ``watch`` seconds. Whatever is left
-    is killed by the ``hosts`` fixture. What it measured is printed and kept in the JUnit report (also for an
-    expected failure, whose output pytest hides)."""
+def strike(hosts, tmp_path, note, fault, *, watch: float, hang: float = HANG, options=(), launcher: bool = True,
+           spec: str = SPEC, before=None, flags=()) -> Outcome:
+    """Train on 4 ranks across h1 and h2 (``spec``; more trainer ``flags``) until step 8 and a checkpoint, call
+    ``before(job)`` if given, then ``fault()``, then watch every rank, and unless ``launcher`` is false mpirun and
+    its daemons, for up to ``watch`` seconds. Whatever is left is killed by the ``hosts`` fixture. What it
+    measured is printed and kept in the JUnit report (also for an expected failure, whose output pytest hides)."""
     m, ck, ranks_out = tmp_path / "m.jsonl", tmp_path / "ck", tmp_path / "ranks"
     args = ["--backend", "mpi", "--backup-workers", "1", "--hang-timeout", str(hang), "--checkpoint-dir", str(ck),
-            "--checkpoint-every", "5", "--metrics", str(m), *FOREVER]
+            "--checkpoint-every", "5", "--metrics", str(m), *FOREVER, *flags]
     # Each rank's output also goes to a file on the shared disk, written on its own host: mpirun cannot pass on
     # what a cut-off host prints.
-    placement = hosts.placement(SPEC, options=(*OSC, "--output-filename", str(ranks_out), *options))
-    proc = background(slots(SPEC), args, tmp_path / "log", **placement)
+    placement = hosts.placement(spec, options=(*OSC, *MAP, "--output-filename", str(ranks_out), *options))
+    proc = background(slots(spec), args, tmp_path / "log", **placement)
     try:
         wait_until(lambda: last_step(m) >= 8 and latest_checkpoint(str(ck)), proc, JOB_DEADLINE / 2, "step 8")
         ranks = hosts.ranks()
         assert sorted(ranks) == [0, 1, 2, 3], ranks
+        if before is not None:
+            before(proc)
         fault()
         struck = time.monotonic()
         exits: dict[int, float | None] = dict.fromkeys(ranks)
@@ -181,15 +183,30 @@ def test_a_partition_ends_every_rank_on_its_own_within_hang_timeout(hosts, tmp_p
     _loaded(outcome)
 
 
-def test_a_lost_host_ends_the_whole_job(hosts, tmp_path, note):
+# A lost host with one rank on it, after a slow link in the same job: each job start costs about 30 s of this
+# machine's 2 cores, more than either fault.
+def test_a_slow_link_drops_its_rank_then_a_lost_host_ends_the_whole_job(hosts, tmp_path, note):
+    # 3 ranks on h1, one on h2, b=1: while h2's link is at 5 Mbit/s (tbf), from step 8 for 5 steps, rank 3 is left
+    # out of the steps, and the others should keep their pace. Then the link is back and h2 is lost.
+    spec, m, measured = "h1:3,h2:1", tmp_path / "m.jsonl", 5
+    limited = []
+
+    def slow(proc):
+        hosts.limit("h2", "5mbit")
+        limited.append(last_step(m) + 2)
+        wait_until(lambda: last_step(m) >= limited[0] + measured, proc, JOB_DEADLINE / 4, "the limited steps")
+        hosts.unlimit("h2")
+
     def fault():
-        """every process on h2 killed at once (ranks 2, 3 and Open MPI's daemon)"""
+        """every process on h2 killed at once (rank 3 and Open MPI's daemon)"""
         hosts.kill_all("h2")
 
     # The lost host's kernel still resets its connections, so mpirun learns of it at once: from the daemon's
     # connection ("lost communication with a remote daemon ... on node h2") or, when the ssh session to h2 ends
     # first, as "ORTE was unable to reliably start one or more daemons" (Open MPI's words, misleading here).
-    outcome = strike(hosts, tmp_path, note, fault, watch=HANG + MARGIN)
+    outcome = strike(hosts, tmp_path, note, fault, watch=HANG + MARGIN, spec=spec, before=slow,
+                     flags=("--eval-every", "0"))
+    assert mapped(outcome.output) == {"h1": 3, "h2": 1}, outcome.output
     assert None not in outcome.exits.values() and max(outcome.exits.values()) < 15, outcome.table()
     assert outcome.mpirun[1] is not None and outcome.mpirun[0] not in (0, None), outcome.table()
     assert outcome.clean is not None and outcome.clean < 15, outcome.table()
@@ -197,35 +214,15 @@ def test_a_lost_host_ends_the_whole_job(hosts, tmp_path, note):
                      re.S), outcome.output
     _loaded(outcome)
 
-
-def test_the_trainer_through_mpirun_host_and_a_slow_link(hosts, tmp_path, note):
-    # 3 ranks on h1, one on h2, b=1: the run completes across both hosts; while h2's link is at 5 Mbit/s (tbf),
-    # from step 8 for 5 steps, rank 3 is left out of the steps, and the others should keep their pace. (Ending the
-    # run over the slow link would take a minute more: UCX's flush of the one-sided window times out.)
-    spec, m, total, measured = "h1:3,h2:1", tmp_path / "m.jsonl", 20, 5
-    proc = background(slots(spec), ["--backend", "mpi", "--backup-workers", "1", "--steps", str(total),
-                                    "--eval-every", "0", "--metrics", str(m)], tmp_path / "log",
-                      **hosts.placement(spec, options=(*OSC, *MAP)))
-    try:
-        wait_until(lambda: last_step(m) >= 8, proc, JOB_DEADLINE / 2, "step 8")
-        hosts.limit("h2", "5mbit")
-        limited_from = last_step(m) + 2
-        wait_until(lambda: last_step(m) >= limited_from + measured, proc, JOB_DEADLINE / 2, "the limited steps")
-        hosts.unlimit("h2")
-        assert finish(proc, JOB_DEADLINE / 2) == 0, (tmp_path / "log").read_text()
-    finally:
-        finish(proc, 0.1)
-    out = (tmp_path / "log").read_text()
-    assert mapped(out) == {"h1": 3, "h2": 1} and f"done: {total} steps" in out, out
-    steps = {s["step"]: s for s in of_type(read_metrics(m), "step")}
-    assert sorted(steps) == list(range(total)) and all(s["size"] == 4 for s in steps.values())
+    steps = {s["step"]: s for s in of_type(read_metrics(m, partial=True), "step")}
+    assert all(s["size"] == 4 for s in steps.values()), steps
     before = [steps[t]["step_s"] for t in range(2, 8)]
-    after = [steps[t] for t in range(limited_from, limited_from + measured)]
-    slow, fast = statistics.median(s["step_s"] for s in after), statistics.median(before)
+    after = [steps[t] for t in range(limited[0], limited[0] + measured)]
+    slow_s, fast_s = statistics.median(s["step_s"] for s in after), statistics.median(before)
     dropped = sum(3 in s["dropped"] for s in after) / len(after)
-    note(f"h2 at 5mbit with b=1: median step {fast:.3f}s before, {slow:.3f}s after; rank 3 dropped in "
+    note(f"h2 at 5mbit with b=1: median step {fast_s:.3f}s before, {slow_s:.3f}s after; rank 3 dropped in "
          f"{dropped:.0%} of {len(after)} steps")
     assert dropped >= 0.8, steps
-    if slow >= 1.5 * fast + 0.05:
+    if slow_s >= 1.5 * fast_s + 0.05:
         pytest.xfail("a known limit of the protocol: a dropped rank still sends its zeros through the step's "
                      "allreduce, so a slow link paces every step whatever b")

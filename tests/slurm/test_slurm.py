@@ -124,34 +124,41 @@ def test_bench_template_runs_a_tiny_job(slurm, tmp_path):
     assert re.search(r"backup-b1\s+4\s", log), log  # the summary table
 
 
-@pytest.mark.deadline(540)
-def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
-    ck = tmp_path / "ck"
-    metrics = tmp_path / "m.jsonl"
-    env = dict(CHECKPOINT_DIR=str(ck), METRICS=str(metrics))
-    proc = sbatch(slurm, tmp_path, "cifar10.sh", ["--ntasks-per-node=2", *TINY],
-                  ["--dataset", "digits", "--arch", "digits_cnn", "-b", "32", "--steps", "400",
-                   "--checkpoint-every", "20", "--workers", "0", "--eval-every", "0"], env=env, wait=False)
+def preempt_and_resume(slurm, work, template, opts, args, env, steps):
+    """Submit ``template`` (trainer flags ``args`` ending at ``steps``, with checkpoints), send it what
+    ``--signal=B:USR1@T`` sends before the time limit once its first checkpoint exists, and check that it stops
+    with a checkpoint, requeues itself and resumes from that step to the end (waits of 150 and 240 s). Returns
+    the job's log."""
+    ck = os.path.join(work, "ck")
+    proc = sbatch(slurm, work, template, opts, [*args, "--steps", str(steps)],
+                  env=dict(env, CHECKPOINT_DIR=ck, METRICS=os.path.join(work, "m.jsonl")), wait=False)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
     deadline = time.monotonic() + 150
-    while not latest_checkpoint(str(ck)):
+    while not latest_checkpoint(ck):
         state = _job(slurm, job)
         if state[0] in FINAL_STATES or time.monotonic() > deadline:
             details = slurm.run(["scontrol", "show", "job", job]).stdout
-            logs = os.path.join(tmp_path, "logs")
-            log = _job_log(tmp_path) if os.listdir(logs) else "(no job log yet)"
+            logs = os.path.join(work, "logs")
+            log = _job_log(work) if os.listdir(logs) else "(no job log yet)"
             pytest.fail(f"no checkpoint before the preemption; job {state}:\n{details}\n{log}")
         time.sleep(0.2)
-    # What --signal=B:USR1@T does before the time limit, now:
     signal = slurm.run(["scancel", "--signal=USR1", "--batch", job])
     assert signal.returncode == 0, signal.stderr
     state = wait_job(slurm, job, 240)
-    assert state[0] == "COMPLETED", f"job {state}:\n{_job_log(tmp_path)}"  # a string: pytest shows all of it
-    log = _job_log(tmp_path)
+    assert state[0] == "COMPLETED", f"job {state}:\n{_job_log(work)}"  # a string: pytest shows all of it
+    log = _job_log(work)
     assert state[1] >= 1, log
     assert "requeueing job" in log and re.search(r"stopped early at global step (\d+)", log), log
     stopped = int(re.search(r"stopped early at global step (\d+)", log).group(1))
     resumed = int(re.search(r"resumed from \S+ at global step (\d+)", log).group(1))
-    assert resumed == stopped and 0 < stopped < 400, log
-    assert latest_checkpoint(str(ck)).endswith("checkpoint-00000400.pt")
+    assert resumed == stopped and 0 < stopped < steps, log
+    assert latest_checkpoint(ck).endswith(f"checkpoint-{steps:08d}.pt")
+    return log
+
+
+@pytest.mark.deadline(540)
+def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    preempt_and_resume(slurm, str(tmp_path), "cifar10.sh", ["--ntasks-per-node=2", *TINY],
+                       ["--dataset", "digits", "--arch", "digits_cnn", "-b", "32", "--checkpoint-every", "20",
+                        "--workers", "0", "--eval-every", "0"], {}, steps=400)

@@ -1,0 +1,69 @@
+"""Step time of ranks on several hosts, no stragglers, measured side by side in one MPI job (run on every rank
+under ``mpirun --host``): hvd_backup with b = 0 and b = 1 on both backends against ``hvd.DistributedOptimizer``
+and torch's DDP (gloo), on MLPs of about 1M and 6M parameters, interleaved over repetitions. What the network
+between hosts costs each, so the links are the experiment's (``python -m hvd_backup.bench --only multihost``
+runs this on emulated hosts, with and without a rate limit).
+
+    mpirun --host h1:2,h2:2 python -m hvd_backup.bench.multihost --master-addr ADDRESS_OF_RANK_0 --out m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch.distributed as dist
+from mpi4py import MPI
+
+from .common import start_horovod_job
+from .overhead import build, run
+
+# (label, run's variant, our backend): Horovod's optimizer first, the reference of every ratio.
+VARIANTS = [("horovod", "horovod", None), ("ddp", "ddp", None), ("mpi b=0", "b0", "mpi"), ("mpi b=1", "b1", "mpi"),
+            ("horovod b=0", "b0", "horovod"), ("horovod b=1", "b1", "horovod")]
+SIZES = ("1M", "6M")
+
+
+def measure(hvd, steps: int, warmup: int, reps: int) -> dict:
+    """``{size: {"params", "ms_per_step": {label: median}, "all_ms", "over_horovod": {label: ratio}}}``, each
+    variant's median of ``reps`` runs of ``steps`` steps after ``warmup``. Collective."""
+    results = {}
+    for size in SIZES:
+        per = {label: [] for label, _, _ in VARIANTS}
+        for _ in range(reps):
+            for label, variant, backend in VARIANTS:
+                per[label].append(run(variant, size, steps, hvd, warmup=warmup, backend=backend or "horovod")
+                                  ["ms_per_step"])
+        med = {label: statistics.median(ms) for label, ms in per.items()}
+        results[size] = {"params": sum(p.numel() for p in build(size)[0].parameters()), "ms_per_step": med,
+                         "all_ms": per, "over_horovod": {k: v / med["horovod"] for k, v in med.items()}}
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--master-addr", required=True, help="an address of rank 0's host that every rank reaches")
+    parser.add_argument("--master-port", type=int, default=29500)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    hvd = start_horovod_job()
+    comm = MPI.COMM_WORLD
+    dist.init_process_group("gloo", init_method=f"tcp://{args.master_addr}:{args.master_port}",
+                            rank=comm.Get_rank(), world_size=comm.Get_size())
+    try:
+        result = {"ranks": comm.Get_size(), "hosts": sorted(set(comm.allgather(MPI.Get_processor_name()))),
+                  "steps": args.steps, "reps": args.reps, "sizes": measure(hvd, args.steps, args.warmup, args.reps)}
+    finally:
+        dist.destroy_process_group()
+    if comm.Get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
