@@ -118,7 +118,7 @@ def test_timings_count_every_phase_and_reset(comm, backend):
 def test_step_with_a_closure_under_no_grad(comm, backend):
     """``opt.step(closure)``: the closure runs with gradients enabled even where step() is called without
     them (as torch's optimizers do), step() returns its loss, and the loss travels in the step's record."""
-    size, rank = comm.Get_size(), comm.Get_rank()
+    rank = comm.Get_rank()
     model = make_model()
     start_params = initial(model)
     loss_fn = torch.nn.CrossEntropyLoss()
