@@ -189,17 +189,17 @@ def test_max_lag_fails_a_rank_too_far_behind_and_says_so(tmp_path):
 
 
 @pytest.mark.deadline(330)
-def test_soak_2000_steps_of_heavy_tailed_delays(tmp_path):
+def test_soak_1000_steps_of_heavy_tailed_delays(tmp_path):
     m = tmp_path / "m.jsonl"
     start = time.monotonic()
-    proc = launch(NP, ["--backup-workers", "1", "--steps", "2000", "--straggler", "lognormal:median=0.002,sigma=1.5",
+    proc = launch(NP, ["--backup-workers", "1", "--steps", "1000", "--straggler", "lognormal:median=0.002,sigma=1.5",
                        "--verify-every", "100", "--eval-every", "500", "--print-freq", "500", "--metrics", str(m)],
                   timeout=300)
     assert proc.returncode == 0, proc.stdout
-    print(f"soak: 2000 steps in {time.monotonic() - start:.0f}s, final top-1 {summary(m)['final_top1']:.4f}")
+    print(f"soak: 1000 steps in {time.monotonic() - start:.0f}s, final top-1 {summary(m)['final_top1']:.4f}")
     records = read_metrics(m)
     steps = [r for r in records if r["type"] == "step"]
-    assert [s["step"] for s in steps] == list(range(2000))
+    assert [s["step"] for s in steps] == list(range(1000))
     assert all(s["count"] == NP - 1 and len(s["included"]) == NP - 1 for s in steps[1:])  # step 0 waits for all
     verified = [r["step"] for r in records if r["type"] == "verify" and r["ok"]]
-    assert verified == list(range(100, 2001, 100)), verified
+    assert verified == list(range(100, 1001, 100)), verified
