@@ -2,10 +2,11 @@
 end-of-run checks (same global step, bit-identical parameters and optimizer state on every rank)."""
 
 import torch
+import torch.nn.functional as F
 
 import hvd_backup
 from mpi_tools import StragglerInjector
-from tests.mpi.helpers import state_digest
+from tests.mpi.helpers import batch, state_digest
 
 STEPS = 30
 
@@ -35,6 +36,25 @@ def global_steps(opt, steps: int = STEPS):
             return
         yield opt.global_step
     raise AssertionError(f"global step still {opt.global_step} after {4 * steps} calls of step()")
+
+
+def train(comm, model, opt, *, forward=None, before=None, after=None) -> list:
+    """The README's loop on the global step with the injected straggler: ``before(version)`` ahead of each
+    gradient, ``forward`` instead of ``model`` for it, ``after()`` behind each ``step()``. Returns this rank's
+    ``opt.last_step.status`` after each step() (``None`` where step() bypassed the protocol)."""
+    injector, statuses = straggler(comm), []
+    for version in global_steps(opt):
+        if before is not None:
+            before(version)
+        injector.sleep(version)
+        x, y = batch(version, comm.Get_rank())
+        opt.zero_grad()
+        F.cross_entropy((forward or model)(x), y).backward()
+        opt.step()
+        if after is not None:
+            after()
+        statuses.append(getattr(opt.last_step, "status", None))
+    return statuses
 
 
 def assert_identical(comm, model, opt, steps: int | None = STEPS, statuses=None):

@@ -10,24 +10,12 @@ import torch.nn.functional as F
 import hvd_backup
 from tests.mpi.helpers import batch, make_model
 
-from .idioms import assert_identical, global_steps, straggler, wrap
+from .idioms import assert_identical, train, wrap
 
 
 def params_of(optimizer):
     # The optimizer the hook receives: the live one, or the consensus copy a catching-up rank updates.
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def train(comm, model, opt):
-    injector, statuses = straggler(comm), []
-    for version in global_steps(opt):
-        injector.sleep(version)
-        x, y = batch(version, comm.Get_rank())
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        statuses.append(opt.last_step.status)
-    return statuses
 
 
 def clip_averaged_gradient(optimizer, args, kwargs):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from tests.mpi.helpers import batch, make_model
 
+from . import idioms
 from .idioms import STEPS, assert_identical, global_steps, straggler, wrap
 
 OPTIMIZERS = {
@@ -74,14 +75,7 @@ def test_compiled_model(comm):
     model = make_model()
     compiled = torch.compile(model, backend="aot_eager")
     with wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, "mpi") as opt:
-        injector, statuses = straggler(comm), []
-        for version in global_steps(opt):
-            injector.sleep(version)
-            x, y = batch(version, comm.Get_rank())
-            opt.zero_grad()
-            F.cross_entropy(compiled(x), y).backward()
-            opt.step()
-            statuses.append(opt.last_step.status)
+        statuses = idioms.train(comm, model, opt, forward=compiled)
     assert_identical(comm, model, opt, statuses=statuses)
 
 

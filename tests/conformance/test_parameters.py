@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import hvd_backup
 from tests.mpi.helpers import batch, make_model
 
-from .idioms import assert_identical, global_steps, straggler, wrap
+from . import idioms
+from .idioms import assert_identical, wrap
 
 SWITCH = 10  # the global step from which the change holds
 
@@ -19,20 +20,16 @@ SWITCH = 10  # the global step from which the change holds
 def train(comm, model, opt, at_switch=None, every_step=None):
     """The README's loop; ``at_switch()`` once, before the first gradient on global step >= SWITCH;
     ``every_step(version)`` before each gradient."""
-    injector, statuses, switched = straggler(comm), [], False
-    for version in global_steps(opt):
+    switched = []
+
+    def before(version):
         if at_switch is not None and version >= SWITCH and not switched:
             at_switch()
-            switched = True
+            switched.append(version)
         if every_step is not None:
             every_step(version)
-        injector.sleep(version)
-        x, y = batch(version, comm.Get_rank())
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        statuses.append(opt.last_step.status)
-    return statuses
+
+    return idioms.train(comm, model, opt, before=before)
 
 
 def test_freezing_a_layer_after_wrapping(comm, backend):

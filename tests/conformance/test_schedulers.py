@@ -11,7 +11,7 @@ from torch.optim import lr_scheduler
 
 from tests.mpi.helpers import batch, make_model
 
-from .idioms import STEPS, assert_identical, global_steps, straggler, wrap
+from .idioms import STEPS, assert_identical, train, wrap
 
 SCHEDULERS = {
     "StepLR": lambda o: lr_scheduler.StepLR(o, step_size=5, gamma=0.5),
@@ -55,18 +55,15 @@ def test_scheduler(comm, backend, name, built):
     model = make_model()
     base = sgd(model.parameters())
     sched = SCHEDULERS[name](base) if built == "before" else None
-    injector, statuses, seen = straggler(comm), [], []
+    seen = []
     with wrap(base, model, backend) as opt:
         sched = sched or SCHEDULERS[name](opt)
-        for version in global_steps(opt):
-            injector.sleep(version)
-            x, y = batch(version, comm.Get_rank())
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+
+        def after():
             sched.step()
-            statuses.append(getattr(opt.last_step, "status", None))  # None: step() bypassed the protocol
             seen.append((opt.global_step, opt.param_groups[0]["lr"]))
+
+        statuses = train(comm, model, opt, after=after)  # a None status: step() bypassed the protocol
         records = opt.pop_records()
     params, lrs = replay(name, records)
     lrs += [math.nan] * (STEPS + 1)  # positions past the records: nothing to compare with
