@@ -20,6 +20,7 @@ from mpi4py import MPI
 from . import amp, lifecycle
 from . import settings as rules
 from .backends import make_backend
+from .buckets import Buckets, bucket_groups, element_ranges
 from .errors import ProtocolError, same_on_every_rank
 from .horovod_compat import resolve
 from .protocol import StepEngine
@@ -56,6 +57,8 @@ def DistributedOptimizer(
     auto_every: int = 50,
     max_backup_workers: int | None = None,
     history: int = 1024,
+    overlap: bool = False,
+    bucket_cap_mb: float = 25.0,
 ):
     """Wrap ``optimizer`` for synchronous SGD that waits for the first N - ``backup_workers`` ranks each step.
 
@@ -82,6 +85,12 @@ def DistributedOptimizer(
         backend: ``"horovod"`` (``hvd.init()`` first) or ``"mpi"`` (mpi4py only; no Horovod needed).
         comm: the mpi4py communicator of the ranks (default ``MPI.COMM_WORLD``).
         history: how many step records :meth:`pop_records` keeps when nobody pops them.
+        overlap: hand the gradient in bucket by bucket during the backward pass, so that the allreduces run
+            while it goes on (:mod:`hvd_backup.buckets`); the rank arrives, and so is in or out of the step,
+            with its first bucket. Horovod's rules then hold: gradient accumulation needs
+            ``backward_passes_per_step``, and ``.grad`` edited after ``backward()`` does not travel (use a step
+            pre-hook).
+        bucket_cap_mb: with ``overlap``, about how many MiB of gradient each bucket holds (the first: 1 MiB).
     """
     base = optimizer.__class__
     if isinstance(optimizer, _BackupOptimizer):
@@ -93,7 +102,8 @@ def DistributedOptimizer(
     return cls(optimizer, named_parameters, horovod, backup_workers=backup_workers,
                straggler_timeout=straggler_timeout, min_workers=min_workers, hang_timeout=hang_timeout,
                startup_timeout=startup_timeout, max_lag=max_lag, backend=backend, comm=comm, auto_every=auto_every,
-               max_backup_workers=max_backup_workers, history=history)
+               max_backup_workers=max_backup_workers, history=history, overlap=overlap,
+               bucket_cap_mb=bucket_cap_mb)
 
 
 class _BackupOptimizer(torch.optim.Optimizer):
@@ -126,18 +136,23 @@ class _BackupOptimizer(torch.optim.Optimizer):
         self._hvdb_base, self._hvdb_wrapped, self._hvdb_comm = base, optimizer, comm
         self._hvdb_consensus, self._hvdb_options = consensus, options
         self._hvdb_names = [names.get(p, f"param[{i}]") for i, p in enumerate(consensus.all_params)]
+        sizes = [p.numel() for p in consensus.params]
+        groups = (bucket_groups(sizes, consensus.send.element_size(), values["bucket_cap_mb"])
+                  if values["overlap"] else [range(len(sizes))])
         self._hvdb_engine = StepEngine(
             consensus, backend=make_backend(values["backend"], comm, options.compression),
             quorum=size - checked.b, straggler_timeout=values["straggler_timeout"],
             min_workers=checked.min_workers, hang_timeout=float(values["hang_timeout"]),
             startup_timeout=values["startup_timeout"], max_lag=values["max_lag"],
             hyper_len=len(consensus.hyper.fields), name=f"hvd_backup.{next(_instances)}", op=options.op,
-            predivide=options.predivide, history=history)
+            predivide=options.predivide, history=history, buckets=element_ranges(sizes, groups))
         if checked.b_max is not None:
             self._hvdb_engine.auto = AutoBackup(size, every=values["auto_every"], b_min=0, b_max=checked.b_max)
         self.backward_passes_per_step = options.backward_passes_per_step
         self._hvdb_schedulers = SchedulerFollower(self, optimizer)
         self._hvdb_calls = 0
+        self._hvdb_buckets = (Buckets(consensus, self._hvdb_engine, groups, options.backward_passes_per_step)
+                              if values["overlap"] else None)
         self._hvdb_engine.start()
         self._hvdb_ready_at = time.monotonic()
         self._hvdb_closed = False
@@ -180,17 +195,9 @@ class _BackupOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self._hvdb_closed:
             raise RuntimeError("hvd_backup: step() after close()")
-        engine, consensus = self._hvdb_engine, self._hvdb_consensus
-        consensus.check_unchanged()
+        self._hvdb_consensus.check_unchanged()
         self._hvdb_schedulers.before_step(self, self._hvdb_calls)
-        compute_s = time.monotonic() - self._hvdb_ready_at
-        tic = time.perf_counter()
-        consensus.flatten(amp.before_step(grad_scaler, self) if grad_scaler is not None else None)
-        engine.timings.add("flatten", time.perf_counter() - tic)
-        tic = time.perf_counter()
-        sub = engine.submit(consensus.hyper.snapshot(self.param_groups), compute_s,
-                            None if loss is None else float(loss), amp=grad_scaler is not None)
-        engine.timings.add("blocked_in_step", time.perf_counter() - tic)
+        sub = self._hand_in(grad_scaler, loss)
         self.last_step = sub.reply
         if grad_scaler is not None:
             amp.after_step(grad_scaler, self, sub.covered)
@@ -199,6 +206,36 @@ class _BackupOptimizer(torch.optim.Optimizer):
         self._opt_called = self._hvdb_wrapped._opt_called = True  # what schedulers check
         self._hvdb_ready_at = time.monotonic()
         return loss
+
+    def _hand_in(self, grad_scaler, loss):
+        engine, consensus, buckets = self._hvdb_engine, self._hvdb_consensus, self._hvdb_buckets
+        compute_s = time.monotonic() - self._hvdb_ready_at
+        tic = time.perf_counter()
+        inv_scale = amp.before_step(grad_scaler, self) if grad_scaler is not None else None
+        unscale = 1.0
+        if buckets is None:
+            consensus.flatten(inv_scale)
+        else:  # the hooks took most gradients, still scaled: the sum is unscaled after the allreduce
+            if grad_scaler is not None:
+                unscale = float(grad_scaler._scale.double().reciprocal())
+            buckets.flush(grad_scaler._scale if grad_scaler is not None and inv_scale is None else None)
+        engine.timings.add("flatten", time.perf_counter() - tic)
+        tic = time.perf_counter()
+        try:
+            return engine.submit(consensus.hyper.snapshot(self.param_groups), compute_s,
+                                 None if loss is None else float(loss), amp=grad_scaler is not None, unscale=unscale)
+        finally:
+            if buckets is not None:
+                buckets.reset()
+            engine.timings.add("blocked_in_step", time.perf_counter() - tic)
+
+    def zero_grad(self, set_to_none: bool = True):
+        buckets = self._hvdb_buckets
+        if buckets is not None and buckets.started:
+            raise RuntimeError("hvd_backup: zero_grad() after backward() and before step(), with overlap=True: this "
+                               "rank's gradients have already left. Call zero_grad() before backward(), or pass "
+                               "overlap=False")
+        self._hvdb_base.zero_grad(self, set_to_none=set_to_none)
 
     def synchronize(self):
         raise RuntimeError("hvd_backup: synchronize() has no meaning here: which gradients are averaged is only "
@@ -251,7 +288,9 @@ class _BackupOptimizer(torch.optim.Optimizer):
 
     def timings(self, reset: bool = False) -> dict[str, tuple[float, int]]:
         """Where this rank's time went: ``{phase: (seconds, count)}`` for flatten, blocked_in_step, arrive,
-        allreduce (waiting for the step's reductions), reduce (reweighting), apply and catch_up."""
+        posted (from its part in a step until all of its allreduces were posted: with ``overlap``, the rest of
+        its backward pass), allreduce (waiting for the step's reductions after that), reduce (reweighting),
+        apply and catch_up."""
         return self._hvdb_engine.timings.snapshot(reset)
 
     def pop_records(self) -> list[StepRecord]:
@@ -286,6 +325,10 @@ class _BackupOptimizer(torch.optim.Optimizer):
         self._hvdb_closed = True
         engine = self._hvdb_engine
         try:
+            if self._hvdb_buckets is not None:
+                if self._hvdb_buckets.started:  # backward() without step(): some buckets have left and this
+                    self.last_step = self._hand_in(None, None).reply  # rank may be in the step: complete it
+                self._hvdb_buckets.remove()
             engine.stop()
             engine.free()
         finally:

@@ -18,7 +18,7 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _is_seconds(x) -> bool:
+def _is_seconds(x) -> bool:  # any finite positive number
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
@@ -65,6 +65,10 @@ def check(values: dict, *, size: int | None, spell: Callable[[str, object], str]
         need(_is_seconds(get("hang_timeout")), "hang_timeout", "seconds > 0")
     if get("max_lag") is not None:
         need(_is_int(get("max_lag")) and get("max_lag") >= 1, "max_lag", f"{optional}an integer >= 1")
+    if "overlap" in values:
+        need(isinstance(get("overlap"), bool), "overlap", "True or False")
+    if "bucket_cap_mb" in values:
+        need(_is_seconds(get("bucket_cap_mb")), "bucket_cap_mb", "a number of MiB > 0")
     if "backend" in values and get("backend") not in BACKENDS:
         raise ValueError(f"{spell('backend', get('backend'))} is not one of {', '.join(map(repr, BACKENDS))}")
     quorum = None if size is None else size - (b_max if auto else b)

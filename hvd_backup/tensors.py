@@ -178,6 +178,30 @@ class Consensus:
             if inv_scale is not None:
                 self.send.mul_(inv_scale.to(self.send.device))
 
+    def grad_view(self, i: int) -> torch.Tensor:
+        """Parameter ``i``'s place in ``send``."""
+        return self._send_views[i]
+
+    def take_grad(self, i: int, grad: torch.Tensor | None, times: torch.Tensor | None = None) -> None:
+        """Copy parameter ``i``'s gradient into ``send`` (``overlap``: from its hook during the backward pass),
+        times ``times`` if given, and note whether it has one (training thread)."""
+        view = self._send_views[i]
+        with torch.no_grad():
+            if grad is None:
+                self.present[i] = 0.0
+                view.zero_()
+                return
+            self.present[i] = 1.0
+            if grad.is_sparse:
+                if not self.sparse_as_dense:
+                    raise ValueError(f"hvd_backup: parameter {self.names[i]} has a sparse gradient: pass "
+                                     "sparse_as_dense=True to reduce it as a dense one")
+                grad = grad.to_dense()
+            if grad.data_ptr() != view.data_ptr():
+                view.copy_(grad)
+            if times is not None:
+                view.mul_(times.to(view.device))
+
     def _apply(self, opt, params, flat, hyper, present, skip: bool) -> None:
         # The gradients become views of the reduced buffer: no copy. (For the live parameters that buffer is
         # then the training thread's `send`, which this thread does not touch until the next submission.)

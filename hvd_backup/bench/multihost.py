@@ -19,9 +19,12 @@ from mpi4py import MPI
 from .common import start_horovod_job
 from .overhead import build, run
 
-# (label, run's variant, our backend): Horovod's optimizer first, the reference of every ratio.
-VARIANTS = [("horovod", "horovod", None), ("ddp", "ddp", None), ("mpi b=0", "b0", "mpi"), ("mpi b=1", "b1", "mpi"),
-            ("horovod b=0", "b0", "horovod"), ("horovod b=1", "b1", "horovod")]
+# (label, run's variant, our backend, overlap): Horovod's optimizer first, the reference of every ratio.
+VARIANTS = [("horovod", "horovod", None, False), ("ddp", "ddp", None, False),
+            ("mpi b=0", "b0", "mpi", False), ("mpi b=1", "b1", "mpi", False),
+            ("horovod b=0", "b0", "horovod", False), ("horovod b=1", "b1", "horovod", False),
+            ("mpi b=0 ov", "b0", "mpi", True), ("mpi b=1 ov", "b1", "mpi", True),
+            ("horovod b=0 ov", "b0", "horovod", True), ("horovod b=1 ov", "b1", "horovod", True)]
 SIZES = ("1M", "6M")
 
 
@@ -30,11 +33,11 @@ def measure(hvd, steps: int, warmup: int, reps: int) -> dict:
     variant's median of ``reps`` runs of ``steps`` steps after ``warmup``. Collective."""
     results = {}
     for size in SIZES:
-        per = {label: [] for label, _, _ in VARIANTS}
+        per = {label: [] for label, *_ in VARIANTS}
         for _ in range(reps):
-            for label, variant, backend in VARIANTS:
-                per[label].append(run(variant, size, steps, hvd, warmup=warmup, backend=backend or "horovod")
-                                  ["ms_per_step"])
+            for label, variant, backend, overlap in VARIANTS:
+                per[label].append(run(variant, size, steps, hvd, warmup=warmup, backend=backend or "horovod",
+                                      overlap=overlap)["ms_per_step"])
         med = {label: statistics.median(ms) for label, ms in per.items()}
         results[size] = {"params": sum(p.numel() for p in build(size)[0].parameters()), "ms_per_step": med,
                          "all_ms": per, "over_horovod": {k: v / med["horovod"] for k, v in med.items()}}

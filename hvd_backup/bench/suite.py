@@ -175,7 +175,7 @@ def multihost(out: str, quick: bool) -> dict:
         json.dump({"spec": spec, "links": results}, f, indent=1)
     from .multihost import VARIANTS
 
-    labels = [label for label, _, _ in VARIANTS]
+    labels = [label for label, *_ in VARIANTS]
     _table(f"4 ranks on 2 hosts ({spec}), no stragglers: ms per step [over Horovod's optimizer]",
            [11, 6, 11, *[16] * len(labels)], ["link", "model", "params", *labels],
            [[link, size, f"{r['params']:,d}", *(f"{r['ms_per_step'][k]:.1f} [{r['over_horovod'][k]:.2f}]"

@@ -18,7 +18,11 @@ def apply(eng, st: StepState, buf, hyper, present, record: StepRecord) -> None:
     this step (or catch it up)."""
     side, t = eng.side, st.t
     with eng._cond:
-        pending = eng._pending if eng._pending is not None and eng._pending.reply is None else None
+        # A hand-in still in its backward pass (overlap, not sealed) is never answered here: its parameters are
+        # in use. It is caught up from the consensus copy once step() seals it (await_turn).
+        pending = eng._pending
+        if pending is None or pending.reply is not None or not pending.sealed:
+            pending = None
     if pending is not None and pending.version == t:
         side.apply_live(buf, hyper, present, skip=record.skipped)
         eng.version = t + 1

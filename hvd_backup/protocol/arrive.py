@@ -30,10 +30,16 @@ def await_turn(eng, st: StepState) -> Turn:
                 eng._rebase_to = None
                 eng._cond.notify_all()
                 return Turn.REBASED
+        late = eng._late_hand_in(t)
+        if late is not None:  # arrived too late for an earlier step, sealed since: catch it up now
+            eng.catch_up(late)
+            continue
         sub = eng._take()
         if sub is not None and sub.version < t:
-            eng.catch_up(sub)
-            continue
+            if sub.sealed:
+                eng.catch_up(sub)
+                continue
+            sub = None  # computed on superseded parameters and still in its backward pass: caught up once sealed
         if sub is not None:
             sub.arrived = True
             st.submission = sub
@@ -56,6 +62,8 @@ def await_turn(eng, st: StepState) -> Turn:
             return Turn.STOPPED
         eng.tend()
         with eng._cond:
+            pending = eng._pending
             if eng._rebase_to is None and (
-                    eng._pending is None or eng._pending.arrived or eng._pending.reply is not None):
+                    pending is None or pending.reply is not None
+                    or (pending.arrived or pending.version < t) and not pending.sealed):
                 eng._cond.wait(backoff.interval())

@@ -1,6 +1,11 @@
-"""Step 3 of :mod:`hvd_backup.protocol`: post the step's two allreduces — this rank's gradients if it is
-included, zeros otherwise; and its column of the metadata — and wait for them. The step's first arriver closes
-the step on ``straggler_timeout`` while it waits (step 2's timeout close)."""
+"""Step 3 of :mod:`hvd_backup.protocol`: post the step's allreduces — this rank's gradients if it is included,
+zeros otherwise, one allreduce per bucket; then its column of the metadata — and wait for them. The step's first
+arriver closes the step on ``straggler_timeout`` while it waits (step 2's timeout close).
+
+Every rank posts the same allreduces in the same order (bucket 0, 1, ..., then the metadata), as nonblocking
+collectives on one communicator must be. An included rank whose gradient is handed in during the backward pass
+(``overlap``) posts each bucket once the training thread says it is ready, and the metadata once ``step()``
+sealed the hand-in; a rank that is not included posts all of its zeros at once, so it never holds anyone up."""
 
 from __future__ import annotations
 
@@ -18,25 +23,65 @@ __all__ = ["contribute"]
 
 def contribute(eng, st: StepState):
     """Post and complete step ``st.t``'s allreduces; return the reduced gradient buffer."""
-    side, n, me, layout = eng.side, eng.size, eng.rank, eng.layout
+    side = eng.side
     sub = st.submission
-    if st.included:
-        buf = side.send
-        if eng.predivide != 1.0:
-            buf.div_(eng.predivide)
-    else:
-        buf = side.zeros
+    buf = side.send if st.included else side.zeros
+    if not st.included:
         buf.zero_()
+    if eng._busy_since is None:
+        eng._busy_since = time.monotonic()
+    handles, posted = [], 0
+    backoff = Backoff(20e-6, eng.poll_cap)
+    closer = st.order == 0 and eng.straggler_timeout is not None and eng.warm
+    close_at = time.monotonic() + (eng.straggler_timeout or 0.0)
+    tic = time.perf_counter()
+    while True:
+        # Post every bucket that is ready, in order; an included rank's wait for its own backward pass ends
+        # when step() seals the hand-in.
+        while posted < len(eng.buckets) and (not st.included or sub.bucket_ready(posted)):
+            lo, hi = eng.buckets[posted]
+            part = buf[lo:hi]
+            if st.included and eng.predivide != 1.0:
+                part.div_(eng.predivide)
+            handles.append(eng.backend.start(part, eng.bucket_names[posted], compress=True))
+            posted += 1
+        if posted == len(eng.buckets) and (not st.included or sub.sealed):
+            break
+        closer = _close_on_timeout(eng, st, closer, close_at)
+        eng.tend()
+        with eng._cond:
+            if not sub.sealed and not (posted < len(eng.buckets) and sub.bucket_ready(posted)):
+                eng._cond.wait(backoff.interval())
+    _fill_meta(eng, st)
+    eng.counter.mark(st.t)  # only now: a rank whose backward pass never ends is named by the others' watchdogs
+    handles.append(eng.backend.start(eng._meta, f"{eng.name}.meta"))
+    eng.timings.add("posted", time.perf_counter() - tic)
+    tic = time.perf_counter()
+    while not all(eng.backend.done(h) for h in handles):
+        closer = _close_on_timeout(eng, st, closer, close_at)
+        eng.tend()
+        backoff.sleep()
+    for h in handles:
+        eng.backend.finish(h)
+    eng.timings.add("allreduce", time.perf_counter() - tic)
+    return buf
+
+
+def _fill_meta(eng, st: StepState) -> None:
+    """This rank's column of the metadata (and, for the first arriver, the step's hyper-parameters and flags).
+    A late rank whose hand-in is not sealed yet knows neither its loss nor its compute time."""
+    n, me, layout, side, sub = eng.size, eng.rank, eng.layout, eng.side, st.submission
     meta = eng._meta
     meta.zero_()
     if sub is not None:
         meta[Meta.ARRIVAL * n + me] = st.arrived_at
         meta[Meta.STATUS * n + me] = Meta.IN if st.included else Meta.LATE
-        meta[Meta.COMPUTE * n + me] = sub.compute_s
-        meta[Meta.LOSS * n + me] = math.nan if sub.loss is None else sub.loss
+        meta[Meta.COMPUTE * n + me] = sub.compute_s if sub.sealed else 0.0
+        meta[Meta.LOSS * n + me] = math.nan if sub.loss is None or not sub.sealed else sub.loss
         if st.order == 0:
             meta[layout.hyper_at:layout.flags_at] = torch.tensor(sub.hyper, dtype=torch.float64)
             meta[layout.flags_at + Meta.AMP] = float(sub.amp)
+            meta[layout.flags_at + Meta.UNSCALE] = sub.unscale
         if st.included:
             meta[layout.present_at:] = side.present
     else:
@@ -49,31 +94,16 @@ def contribute(eng, st: StepState):
     meta[Meta.DURATION * n + me] = eng._last_duration
     if eng._stop_wanted:
         meta[Meta.STOP * n + me] = 1.0
-    if eng._busy_since is None:
-        eng._busy_since = time.monotonic()
-    eng.counter.mark(st.t)
-    handles = [eng.backend.start(buf, f"{eng.name}.grad", compress=True),
-               eng.backend.start(meta, f"{eng.name}.meta")]
-    tic = time.perf_counter()
-    _wait(eng, st, handles)
-    eng.timings.add("allreduce", time.perf_counter() - tic)
-    return buf
 
 
-def _wait(eng, st: StepState, handles) -> None:
-    """Wait for the step's allreduces; the first arriver closes the step on ``straggler_timeout``."""
-    backoff = Backoff(20e-6, eng.poll_cap)
-    closer = st.order == 0 and eng.straggler_timeout is not None and eng.warm
-    close_at = time.monotonic() + (eng.straggler_timeout or 0.0)
-    while not all(eng.backend.done(h) for h in handles):
-        if closer and time.monotonic() >= close_at:
-            word = ArrivalCounter.decode(eng.counter.peek(st.t))
-            if word.complete(eng.quorum, eng.size):
-                closer = False
-            elif word.arrivals >= eng.min_workers:
-                eng.counter.close(st.t)
-                closer = False
-        eng.tend()
-        backoff.sleep()
-    for h in handles:
-        eng.backend.finish(h)
+def _close_on_timeout(eng, st: StepState, closer: bool, close_at: float) -> bool:
+    """The first arriver closes the step ``straggler_timeout`` after its arrival once ``min_workers`` arrived;
+    whether it still has to."""
+    if closer and time.monotonic() >= close_at:
+        word = ArrivalCounter.decode(eng.counter.peek(st.t))
+        if word.complete(eng.quorum, eng.size):
+            return False
+        if word.arrivals >= eng.min_workers:
+            eng.counter.close(st.t)
+            return False
+    return closer

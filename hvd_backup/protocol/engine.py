@@ -54,6 +54,7 @@ class StepEngine:
         poll_cap: float | None = None,
         abort_grace: float = 5.0,
         history: int = 1024,
+        buckets: list[tuple[int, int]] | None = None,
     ):
         self.side = side
         self.backend = backend
@@ -66,6 +67,10 @@ class StepEngine:
         self.startup_timeout = startup_timeout if startup_timeout is not None else hang_timeout
         self.max_lag = max_lag
         self.name, self.op, self.predivide = name, op, predivide
+        # Element ranges of `side.send`, each reduced by its own allreduce, posted in this order on every rank.
+        self.buckets = list(buckets) if buckets else [(0, side.send.numel())]
+        self.bucket_names = ([f"{name}.grad"] if len(self.buckets) == 1
+                             else [f"{name}.grad.{j}" for j in range(len(self.buckets))])
         # The first step after a start waits for every rank (no backup workers, no timeout close): until every
         # rank has handed in once, some may still be setting their parameters (a broadcast after wrapping).
         self.warm = False
@@ -128,16 +133,35 @@ class StepEngine:
         """k for the step being decided: N - b, or N for the first step after a start."""
         return self.quorum if self.warm else self.size
 
+    def bucket_ready(self, j: int) -> None:
+        """Training thread, during the backward pass: bucket ``j`` of ``side.send`` holds this rank's gradient
+        (computed on version ``self.version``). The first ready bucket hands the gradient in: the rank arrives."""
+        with self._cond:
+            sub = self._pending
+            if sub is None or sub.reply is not None:
+                sub = Submission(self.version, [], 0.0, time.monotonic(), sealed=False,
+                                 ready=[False] * len(self.buckets))
+                self._submitted = True
+                self._pending = sub
+            sub.ready[j] = True
+            self._cond.notify_all()
+
     def submit(self, hyper: list[float], compute_s: float, loss: float | None = None,
-               amp: bool = False) -> Submission:
-        """Hand in the gradient now in ``side.send`` (computed on version ``self.version``); block until this
-        rank's parameters are updated; return the hand-in with its ``reply`` (the step's record) and the steps
-        it ``covered``. Raises the thread's error, if any."""
-        sub = Submission(self.version, hyper, compute_s, time.monotonic(), loss, amp)
+               amp: bool = False, unscale: float = 1.0) -> Submission:
+        """Hand in the gradient now in ``side.send`` (computed on version ``self.version``), or seal the one
+        handed in bucket by bucket; block until this rank's parameters are updated; return the hand-in with its
+        ``reply`` (the step's record) and the steps it ``covered``. Raises the thread's error, if any."""
         with self._cond:
             self._raise_if_failed()
+            sub = self._pending
+            if sub is not None and sub.reply is None and not sub.sealed:
+                sub.hyper, sub.compute_s, sub.loss, sub.amp, sub.unscale = hyper, compute_s, loss, amp, unscale
+                sub.submitted_at = time.monotonic()
+                sub.sealed = True
+            else:
+                sub = Submission(self.version, hyper, compute_s, time.monotonic(), loss, amp, unscale)
+                self._pending = sub
             self._submitted = True
-            self._pending = sub
             self._cond.notify_all()
             while sub.reply is None:
                 self._raise_if_failed()
@@ -240,6 +264,13 @@ class StepEngine:
             self._finished.set()
             with self._cond:
                 self._cond.notify_all()
+
+    def _late_hand_in(self, t: int) -> Submission | None:
+        """A hand-in that arrived too late for its step and was sealed after that step was applied."""
+        with self._cond:
+            sub = self._pending
+            ok = sub is not None and sub.reply is None and sub.arrived and sub.sealed and sub.version < t
+            return sub if ok else None
 
     def _take(self) -> Submission | None:
         with self._cond:

@@ -32,6 +32,9 @@ def reweight(eng, st: StepState, buf) -> tuple[StepRecord, list[float], torch.Te
             buf.mul_(eng.predivide / count)
         else:
             buf.div_(count)
+    unscale = meta[layout.flags_at + Meta.UNSCALE].item()
+    if unscale != 1.0:  # the gradients travelled scaled by the GradScaler (handed in during backward)
+        buf.mul_(unscale)
     hyper = meta[layout.hyper_at:layout.flags_at].tolist()
     amp = meta[layout.flags_at + Meta.AMP].item() > 0
     present = meta[layout.present_at:] > 0

@@ -30,9 +30,10 @@ class Meta:
     BLOCKS = 7
     # Arrival status codes.
     ABSENT, LATE, IN = 0.0, 1.0, 2.0
-    # Flags after the hyper-parameters.
-    AMP = 0
-    FLAGS = 1
+    # Flags after the hyper-parameters: a GradScaler was in use; the factor that unscales the reduced sum (1 unless
+    # the gradients travelled scaled, as they do when they leave during the backward pass).
+    AMP, UNSCALE = 0, 1
+    FLAGS = 2
 
     def __init__(self, size: int, hyper_len: int, params: int):
         self.size, self.hyper_len, self.params = size, hyper_len, params
@@ -44,17 +45,27 @@ class Meta:
 
 @dataclass(eq=False)
 class Submission:
-    """One gradient handed in by the training thread, computed on the parameters of global step ``version``."""
+    """One gradient handed in by the training thread, computed on the parameters of global step ``version``.
+
+    With ``overlap`` it is handed in bucket by bucket during the backward pass: it exists (and arrives) from its
+    first ready bucket on, ``ready[j]`` says which buckets are in ``send``, and ``step()`` seals it with the rest
+    (hyper-parameters, loss, the buckets no hook completed). Without overlap it is sealed when made."""
 
     version: int
     hyper: list[float]
     compute_s: float
     submitted_at: float
     loss: float | None = None
-    amp: bool = False  # the gradient was unscaled by a GradScaler: a non-finite sum skips the update
+    amp: bool = False  # a GradScaler was in use: a non-finite sum skips the update
+    unscale: float = 1.0  # the factor that unscales the reduced sum (the gradients travelled scaled)
     arrived: bool = False
+    sealed: bool = True
+    ready: list[bool] | None = None  # per bucket, while not sealed
     reply: StepRecord | None = None
     covered: list[bool] | None = None  # per global step applied since the previous reply: was it skipped?
+
+    def bucket_ready(self, j: int) -> bool:
+        return self.sealed or bool(self.ready and self.ready[j])
 
 
 @dataclass

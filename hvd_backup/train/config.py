@@ -75,6 +75,10 @@ class TrainConfig:
     min_workers: int | None = _f("fewest ranks a timeout may close a step with", "--min-workers")
     hang_timeout: float = _f("fail the job when a step is stuck this long (seconds)", "--hang-timeout", default=600.0)
     max_lag: int | None = _f("fail when a rank falls this many steps behind", "--max-lag")
+    overlap: bool = _f("hand the gradients in bucket by bucket during the backward pass, so that their allreduces "
+                       "run while it goes on", "--overlap", default=False)
+    bucket_cap_mb: float = _f("with --overlap: about how many MiB of gradient each bucket holds", "--bucket-cap-mb",
+                              default=25.0)
     straggler: str | None = _f("inject delays, e.g. 'fixed:delay=0.5,rank=3' (see mpi_tools.straggler)",
                                "--straggler")
     # output
@@ -163,7 +167,7 @@ class TrainConfig:
 
 
 OPTIMIZER_SETTINGS = ("backup_workers", "auto_every", "max_backup_workers", "straggler_timeout", "min_workers",
-                      "hang_timeout", "max_lag")
+                      "hang_timeout", "max_lag", "overlap", "bucket_cap_mb")
 
 
 def _int_or_auto(text: str):

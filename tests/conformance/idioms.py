@@ -1,6 +1,8 @@
 """What the conformance tests share: the README's loop on the global step, the injected straggler, and the
 end-of-run checks (same global step, bit-identical parameters and optimizer state on every rank)."""
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -19,9 +21,16 @@ def straggler(comm, seed: int = 6) -> StragglerInjector:
     return StragglerInjector(f"tail:p=0.3,delay=0.08,rank={size - 1}", rank=comm.Get_rank(), size=size, seed=seed)
 
 
+# HVD_BACKUP_TEST_OVERLAP=1 runs the whole suite again with the gradients handed in during the backward pass.
+OVERLAP = os.environ.get("HVD_BACKUP_TEST_OVERLAP") == "1"
+
+
 def wrap(optimizer, model, backend, **kw):
     """``hvd_backup.DistributedOptimizer`` as a user switching from Horovod writes it (b = 1 unless given)."""
     kw.setdefault("backup_workers", 1)
+    if OVERLAP:
+        kw.setdefault("overlap", True)
+        kw.setdefault("bucket_cap_mb", 1e-3)  # several buckets even for the small test models
     kw.setdefault("hang_timeout", 60.0)
     return hvd_backup.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), backend=backend,
                                            **kw)

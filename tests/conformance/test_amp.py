@@ -34,12 +34,14 @@ def test_grad_scaler_with_overflows(comm, backend, fused, clip, b):
             injector.sleep(version)
             x, y = batch(version, rank)
             opt.zero_grad()
-            scaler.scale(F.cross_entropy(model(x), y)).backward()
             mine = version in EVERY_RANK_OVERFLOWS or (rank == 0 and version in RANK_0_OVERFLOWS)
             inject = mine and version not in overflowed
+            # The overflow comes out of backward(), as a real one does (with overlap=True the gradients leave
+            # during the backward pass: an edit of .grad after it would not travel).
+            loss = F.cross_entropy(model(x), y) * (float("inf") if inject else 1.0)
+            scaler.scale(loss).backward()
             if inject:
                 overflowed.add(version)
-                model[0].weight.grad[0, 0] = float("inf")
             if clip:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

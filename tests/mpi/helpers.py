@@ -82,6 +82,9 @@ class Recorder:
             return value
 
         counter.arrive = arrive_and_note
+        # Exact already as backward() produces them: with overlap=True they leave before hand_in() runs.
+        for p in model.parameters():
+            p.register_hook(exact)
 
     def hand_in(self, model) -> None:
         """Between ``backward()`` and ``step()``: round the gradients to exact values and note them."""

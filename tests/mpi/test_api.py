@@ -106,7 +106,7 @@ def test_timings_count_every_phase_and_reset(comm, backend):
     caught_up = sum(rec.status == "caught_up" for _, rec in mine)
     counts = {phase: count for phase, (_, count) in timings.items()}
     expected = {"flatten": calls, "blocked_in_step": calls, "arrive": len(recorder.arrivals),
-                "allreduce": len(records), "reduce": len(records), "apply": len(records), "catch_up": caught_up}
+                "posted": len(records), "allreduce": len(records), "reduce": len(records), "apply": len(records), "catch_up": caught_up}
     assert counts == {phase: n for phase, n in expected.items() if n}, (counts, expected)
     assert all(seconds >= 0 for seconds, _ in timings.values())
     assert timings["blocked_in_step"][0] <= elapsed

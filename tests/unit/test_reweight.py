@@ -17,6 +17,7 @@ def _engine(size: int, included: list[int], params: int = 1):
         meta[Meta.STATUS * size + r] = Meta.IN if r in included else Meta.ABSENT
         meta[Meta.ARRIVAL * size + r] = 0.0
     meta[layout.hyper_at] = 0.1
+    meta[layout.flags_at + Meta.UNSCALE] = 1.0  # the first arriver's: the gradients travelled unscaled
     meta[layout.present_at:] = len(included)
     return SimpleNamespace(size=size, layout=layout, _meta=meta, quorum=size - 1, op="average", predivide=1.0,
                            _last_done=time.monotonic(), _last_duration=0.0)
