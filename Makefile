@@ -11,7 +11,7 @@ export HVD_BACKUP_TEST_TIMEOUT ?= 240
 export HVD_BACKUP_JUNIT_DIR ?= reports
 MPI_PYTEST := $(PY) -m mpi4py -m pytest tests/mpi -q --color=no -p no:cacheprovider --capture=sys
 
-.PHONY: setup demo test test-unit test-mpi test-mpi-np4 test-conformance test-horovodrun test-train test-faults test-slurm test-multihost bench clean
+.PHONY: setup demo test test-unit test-mpi test-mpi-np4 test-conformance test-conformance-more test-horovodrun test-train test-faults test-slurm test-multihost bench clean
 
 setup: $(STAMP)
 
@@ -36,14 +36,22 @@ test-mpi: setup
 test-mpi-np4: setup
 	HVD_BACKUP_RUN_TAG=np4 $(LAUNCH) -np 4 --timeout 600 -- $(MPI_PYTEST)
 
-# Users' own training loops through the public API (tests/conformance), on 2 and 4 ranks and both backends;
+# Users' own training loops through the public API (tests/conformance), both backends: on 2 ranks with the
+# gradients handed in during backward (overlap=True for every optimizer the suite wraps), on 4 ranks at step();
 # then, one job each, the idioms whose failure takes a job down and the failure idioms (a rank raises, freezes).
+# `make test-conformance-more` runs the other two combinations.
 CONFORMANCE := $(PY) -m mpi4py -m pytest tests/conformance --ignore=tests/conformance/jobs -q --color=no \
 	-p no:cacheprovider --capture=sys
 test-conformance: setup
-	HVD_BACKUP_TEST_TIMEOUT=120 HVD_BACKUP_RUN_TAG=conformance-np2 $(LAUNCH) -np 2 --timeout 900 -- $(CONFORMANCE)
+	HVD_BACKUP_TEST_OVERLAP=1 HVD_BACKUP_TEST_TIMEOUT=120 HVD_BACKUP_RUN_TAG=conformance-np2-overlap \
+		$(LAUNCH) -np 2 --timeout 900 -- $(CONFORMANCE)
 	HVD_BACKUP_TEST_TIMEOUT=120 HVD_BACKUP_RUN_TAG=conformance-np4 $(LAUNCH) -np 4 --timeout 900 -- $(CONFORMANCE)
 	$(PY) -m pytest tests/conformance/jobs -q --color=no -rA --junitxml=reports/conformance-jobs.xml
+
+test-conformance-more: setup
+	HVD_BACKUP_TEST_TIMEOUT=120 HVD_BACKUP_RUN_TAG=conformance-np2 $(LAUNCH) -np 2 --timeout 900 -- $(CONFORMANCE)
+	HVD_BACKUP_TEST_OVERLAP=1 HVD_BACKUP_TEST_TIMEOUT=120 HVD_BACKUP_RUN_TAG=conformance-np4-overlap \
+		$(LAUNCH) -np 4 --timeout 900 -- $(CONFORMANCE)
 
 # One run through Horovod's own launcher.
 test-horovodrun: setup

@@ -1,10 +1,11 @@
 """Step time of ranks on several hosts, no stragglers, measured side by side in one MPI job (run on every rank
-under ``mpirun --host``): hvd_backup with b = 0 and b = 1 on both backends against ``hvd.DistributedOptimizer``
-and torch's DDP (gloo), on MLPs of about 1M and 6M parameters, interleaved over repetitions. What the network
-between hosts costs each, so the links are the experiment's (``python -m hvd_backup.bench --only multihost``
-runs this on emulated hosts, with and without a rate limit).
+under ``mpirun --host``): hvd_backup with b = 0 and b = 1 on both backends, with the gradient handed in at
+``step()`` and during the backward pass (``overlap=True``), against ``hvd.DistributedOptimizer`` and torch's DDP
+(gloo), on MLPs of about 1M, 6M and 25M parameters, interleaved over repetitions. What the network between hosts
+costs each, so the links are the experiment's (``python -m hvd_backup.bench --only multihost`` runs this on
+emulated hosts, with and without a rate limit).
 
-    mpirun --host h1:2,h2:2 python -m hvd_backup.bench.multihost --master-addr ADDRESS_OF_RANK_0 --out m.json
+    mpirun --host h1:1,h2:1 python -m hvd_backup.bench.multihost --master-addr ADDRESS_OF_RANK_0 --out m.json
 """
 
 from __future__ import annotations
@@ -21,18 +22,17 @@ from .overhead import build, run
 
 # (label, run's variant, our backend, overlap): Horovod's optimizer first, the reference of every ratio.
 VARIANTS = [("horovod", "horovod", None, False), ("ddp", "ddp", None, False),
-            ("mpi b=0", "b0", "mpi", False), ("mpi b=1", "b1", "mpi", False),
-            ("horovod b=0", "b0", "horovod", False), ("horovod b=1", "b1", "horovod", False),
-            ("mpi b=0 ov", "b0", "mpi", True), ("mpi b=1 ov", "b1", "mpi", True),
-            ("horovod b=0 ov", "b0", "horovod", True), ("horovod b=1 ov", "b1", "horovod", True)]
-SIZES = ("1M", "6M")
+            ("mpi b=0", "b0", "mpi", False), ("mpi b=0 ov", "b0", "mpi", True), ("mpi b=1 ov", "b1", "mpi", True),
+            ("horovod b=0", "b0", "horovod", False), ("horovod b=0 ov", "b0", "horovod", True),
+            ("horovod b=1 ov", "b1", "horovod", True)]
+SIZES = ("1M", "6M", "25M")
 
 
-def measure(hvd, steps: int, warmup: int, reps: int) -> dict:
+def measure(hvd, steps: int, warmup: int, reps: int, sizes=SIZES) -> dict:
     """``{size: {"params", "ms_per_step": {label: median}, "all_ms", "over_horovod": {label: ratio}}}``, each
     variant's median of ``reps`` runs of ``steps`` steps after ``warmup``. Collective."""
     results = {}
-    for size in SIZES:
+    for size in sizes:
         per = {label: [] for label, *_ in VARIANTS}
         for _ in range(reps):
             for label, variant, backend, overlap in VARIANTS:
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, of " + ", ".join(SIZES))
     parser.add_argument("--master-addr", required=True, help="an address of rank 0's host that every rank reaches")
     parser.add_argument("--master-port", type=int, default=29500)
     parser.add_argument("--out", required=True)
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
                             rank=comm.Get_rank(), world_size=comm.Get_size())
     try:
         result = {"ranks": comm.Get_size(), "hosts": sorted(set(comm.allgather(MPI.Get_processor_name()))),
-                  "steps": args.steps, "reps": args.reps, "sizes": measure(hvd, args.steps, args.warmup, args.reps)}
+                  "steps": args.steps, "reps": args.reps,
+                  "sizes": measure(hvd, args.steps, args.warmup, args.reps, args.sizes.split(","))}
     finally:
         dist.destroy_process_group()
     if comm.Get_rank() == 0:

@@ -27,7 +27,8 @@ from ..planning.simulate import simulate
 from .common import start_horovod_job, time_one_rank
 
 # MLPs by parameter count: input width, hidden widths (10 classes).
-SIZES = {"1M": (784, [1024, 256]), "6M": (784, [2048, 2048]), "10M": (1024, [2048, 2048, 2048])}
+SIZES = {"1M": (784, [1024, 256]), "6M": (784, [2048, 2048]), "10M": (1024, [2048, 2048, 2048]),
+         "25M": (1024, [4096, 4096, 1024])}
 SPECS = ["fixed:delay=0.1,rank=3", "exp:mean=0.02", "lognormal:median=0.01,sigma=1"]
 
 
@@ -45,7 +46,7 @@ def build(size: str, seed: int = 0):
 
 def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmup: int = 3,
         trace: str | None = None, auto_max: int | None = None, backend: str = "horovod",
-        overlap: bool = False) -> dict:
+        overlap: bool = False, cap: float = 25.0) -> dict:
     """Train ``steps`` global steps with ``variant`` ("horovod", "ddp", "b0", "b1", ..., "auto"; ours on
     ``backend``, with ``overlap`` or not); rank 0's wall time, this rank's compute times, and (ours) the step records; rank 0 writes them
     to ``trace`` in the trainer's metrics format when given. "ddp" needs torch.distributed's default group."""
@@ -55,10 +56,11 @@ def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmu
     ours = variant not in ("horovod", "ddp")
     if variant == "auto":
         opt = hvd_backup.DistributedOptimizer(base, model.named_parameters(), backup_workers="auto", auto_every=10,
-                                              max_backup_workers=auto_max, backend=backend, overlap=overlap)
+                                              max_backup_workers=auto_max, backend=backend, overlap=overlap,
+                                              bucket_cap_mb=cap)
     elif ours:
         opt = hvd_backup.DistributedOptimizer(base, model.named_parameters(), backup_workers=int(variant[1:]),
-                                              backend=backend, overlap=overlap)
+                                              backend=backend, overlap=overlap, bucket_cap_mb=cap)
     elif variant == "ddp":
         model, opt = torch.nn.parallel.DistributedDataParallel(model), base
     else:

@@ -144,43 +144,51 @@ def counter_cost(out: str, quick: bool) -> list:
 
 @experiment("multihost")
 def multihost(out: str, quick: bool) -> dict:
-    """4 ranks on 2 emulated hosts (2 each), the link between them unlimited and then limited with tbf: step time
-    of ours (b = 0, 1, both backends) against Horovod's optimizer and DDP. Skipped where hosts cannot be made."""
-    from mpi_tools.hosts import Hosts
+    """Ranks on 2 and 4 emulated hosts, the links between them unlimited and then limited with tbf: step time of
+    ours (b = 0, 1, both backends, the hand-in at step() and during backward) against Horovod's optimizer and
+    DDP, 1M to 25M parameters. Skipped where hosts cannot be made."""
+    from mpi_tools.hosts import Hosts, slots
 
-    spec, rate = "h1:2,h2:2", "200mbit"
-    # Steps per link: a step over the limited link takes seconds.
-    steps = {"unlimited": "3", rate: "3"} if quick else {"unlimited": "15", rate: "6"}
+    rate = "1gbit"
+    # (host list, link, sizes, steps, repetitions): a step over the limited link takes up to seconds.
+    runs = [("h1:1,h2:1", "unlimited", "1M,6M,25M", 15, 3), ("h1:1,h2:1", rate, "1M,6M,25M", 8, 2),
+            ("h1:2,h2:2", "unlimited", "1M,6M", 15, 2), ("h1:2,h2:2", rate, "6M", 8, 2),
+            ("h1:1,h2:1,h3:1,h4:1", "unlimited", "6M", 15, 2)]
+    if quick:
+        runs = [(spec, link, "1M", 3, 1) for spec, link, *_ in runs[:2]]
     try:
-        hosts = Hosts(2, prefix=f"bench{os.getpid()}"[:10]).up()
+        hosts = Hosts(4, prefix=f"bench{os.getpid()}"[:10]).up()
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"multihost: skipped, no emulated hosts here: {exc}")
         return {"skipped": str(exc)}
-    results = {}
+    results = []
     try:
-        for link in ("unlimited", rate):
-            if link != "unlimited":
-                for host in hosts.hosts:  # every host's link: what leaves h1 and what reaches h2, and back
-                    hosts.limit(host, rate, burst="256kb")
-            path = os.path.join(out, f"multihost_{link}.json")
+        for spec, link, sizes, steps, reps in runs:
+            for host in hosts.hosts:  # every host's link: what leaves a host and what reaches it
+                if link == "unlimited":
+                    hosts.unlimit(host)
+                else:
+                    hosts.limit(host, link, burst="256kb")
+            path = os.path.join(out, "multihost_run.json")
             # One-sided MPI over UCX between hosts; DDP's gloo on the hosts' interface.
             placement = hosts.placement(spec, options=("--mca", "osc", "ucx", "-x", "GLOO_SOCKET_IFNAME=eth0"))
-            _job(4, "hvd_backup.bench.multihost", ["--steps", steps[link], "--warmup", "2", "--out", path,
-                                                   "--master-addr", hosts["h1"].address], timeout=900, **placement)
-            results[link] = _load(path)
+            _job(slots(spec), "hvd_backup.bench.multihost",
+                 ["--steps", str(steps), "--warmup", "2", "--reps", str(reps), "--sizes", sizes, "--out", path,
+                  "--master-addr", hosts["h1"].address], timeout=1800, **placement)
+            results.append(dict(_load(path), spec=spec, link=link))
             os.remove(path)
     finally:
         hosts.down()
     with open(os.path.join(out, "multihost.json"), "w") as f:
-        json.dump({"spec": spec, "links": results}, f, indent=1)
+        json.dump({"runs": results}, f, indent=1)
     from .multihost import VARIANTS
 
     labels = [label for label, *_ in VARIANTS]
-    _table(f"4 ranks on 2 hosts ({spec}), no stragglers: ms per step [over Horovod's optimizer]",
-           [11, 6, 11, *[16] * len(labels)], ["link", "model", "params", *labels],
-           [[link, size, f"{r['params']:,d}", *(f"{r['ms_per_step'][k]:.1f} [{r['over_horovod'][k]:.2f}]"
-                                                for k in labels)]
-            for link, result in results.items() for size, r in result["sizes"].items()])
+    _table("ranks on emulated hosts, no stragglers: ms per step [over Horovod's optimizer]",
+           [20, 10, 6, 11, *[16] * len(labels)], ["hosts", "link", "model", "params", *labels],
+           [[r["spec"], r["link"], size, f"{x['params']:,d}",
+             *(f"{x['ms_per_step'][k]:.1f} [{x['over_horovod'][k]:.2f}]" for k in labels)]
+            for r in results for size, x in r["sizes"].items()])
     return results
 
 

@@ -6,7 +6,8 @@
 For every N and candidate b it simulates the protocol (:mod:`hvd_backup.planning.simulate`) with per-rank
 work drawn from the trace's measured compute times (or from ``--compute`` plus the ``--straggler`` spec),
 adds the per-step communication (a ring or tree allreduce of the model: bandwidth and latency terms), the
-counter's serialized atomics, and the fixed per-step cost measured in the trace, and prints the expected step
+counter's serialized atomics, and the fixed per-step cost measured in the trace (with ``--overlap``, only the
+allreduce time the backward pass does not hide: :func:`exposed_seconds`), and prints the expected step
 time, throughput (samples/s) and effective batch for each b, recommending the b with the highest throughput.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from .simulate import simulate
 
-__all__ = ["Workload", "allreduce_seconds", "choose_b", "predict", "main"]
+__all__ = ["Workload", "allreduce_seconds", "choose_b", "exposed_seconds", "predict", "main"]
 
 
 def _number(text: str, units: dict[str, float], what: str) -> float:
@@ -57,6 +58,13 @@ def allreduce_seconds(n: int, nbytes: float, bandwidth: float, latency: float, a
     raise ValueError(f"--algorithm {algorithm!r}: ring or tree")
 
 
+def exposed_seconds(comm_s: float, backward_s: float, tail_s: float) -> float:
+    """With ``overlap=True``: the part of a step's allreduce time ``comm_s`` that the backward pass (``backward_s``)
+    does not hide, and never less than ``tail_s``, the last bucket's allreduce (the first layers' gradients, ready
+    only when the backward pass ends)."""
+    return max(comm_s - backward_s, tail_s, 0.0)
+
+
 class Workload:
     """Seconds of work per (step, rank): drawn from measured samples or from compute + a straggler spec."""
 
@@ -82,6 +90,12 @@ class Workload:
         info = {"ranks": n, "steps": len(steps), "overhead_s": float(np.median(overheads)) if overheads else 0.0,
                 "mean_step_s": float(np.mean([s["step_s"] for s in steps])), "count": steps[-1]["count"]}
         return cls(samples=per_rank), info
+
+    def median(self) -> float:
+        """The median seconds of work per step (without injected delays)."""
+        if self.samples is not None:
+            return float(np.median(np.concatenate(self.samples)))
+        return float(self.compute)
 
     def table(self, n: int, steps: int, rng: np.random.Generator, per_rank: bool = False) -> np.ndarray:
         if self.samples is not None:
@@ -140,6 +154,12 @@ def main(argv=None) -> int:
                         help="one fetch-and-op at the counter's host (arrivals are serialized there)")
     parser.add_argument("--overhead", type=parse_seconds, default=None,
                         help="fixed seconds per step besides the allreduce (default: measured from --trace, else 0)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="the optimizer's overlap=True: the allreduce runs during the backward pass")
+    parser.add_argument("--backward-fraction", type=float, default=2 / 3,
+                        help="with --overlap: the share of a step's compute that is the backward pass")
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0,
+                        help="with --overlap: the optimizer's bucket_cap_mb (the last bucket cannot overlap)")
     parser.add_argument("--steps", type=int, default=200, help="simulated steps per prediction")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the predictions here")
@@ -165,16 +185,24 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as exc:
         print(f"hvd-backup-plan: error: {exc}", file=sys.stderr)
         return 2
+    if not 0 <= args.backward_fraction <= 1:
+        parser.error(f"--backward-fraction {args.backward_fraction}: between 0 and 1")
     nbytes = (args.params or 0) * args.bytes_per_param
     out = []
     for n in ranks:
         comm = allreduce_seconds(n, nbytes, args.bandwidth, args.latency, args.algorithm)
+        if args.overlap:
+            tail = allreduce_seconds(n, min(nbytes, args.bucket_cap_mb * 2**20), args.bandwidth, args.latency,
+                                     args.algorithm)
+            comm = exposed_seconds(comm, args.backward_fraction * workload.median(), tail)
         steps = args.steps if n <= 1000 else max(20, args.steps // 10)
         same_n = args.trace is not None and n == info["ranks"]
         best, rows = choose_b(workload, n, batch=args.batch, steps=steps, seed=args.seed, per_rank=same_n,
                               comm_s=overhead + comm + n * args.atomic)
         base = rows[0]
-        print(f"\nN={n}: allreduce {1e3 * comm:.2f} ms ({args.algorithm}), counter {1e3 * n * args.atomic:.2f} ms,"
+        hidden = ", not hidden by backward" if args.overlap else ""
+        print(f"\nN={n}: allreduce {1e3 * comm:.2f} ms ({args.algorithm}{hidden}), "
+              f"counter {1e3 * n * args.atomic:.2f} ms,"
               f" fixed {1e3 * overhead:.2f} ms per step")
         print(f"{'b':>6s}{'k=N-b':>7s}{'step ms':>10s}{'samples/s':>12s}{'eff. batch':>12s}{'vs b=0':>8s}")
         for r in rows:

@@ -12,6 +12,8 @@ from .state import StepState, Turn
 
 __all__ = ["await_turn"]
 
+IDLE_POLL = 0.01  # seconds between chores (heartbeat, failure word, watchdog) while nothing can happen
+
 
 def await_turn(eng, st: StepState) -> Turn:
     """Run on the communication thread until this rank's part in step ``st.t`` is decided: arrive with the
@@ -20,6 +22,10 @@ def await_turn(eng, st: StepState) -> Turn:
     k, t, n = eng.step_quorum(), st.t, eng.size
     backoff = Backoff(20e-6, eng.poll_cap)
     left_here = False
+    # With k = N (b = 0, or the start-up step) the step cannot close before this rank arrives or leaves: there is
+    # nothing to poll for, and every poll costs the training thread CPU and the counter's host a message. The
+    # host itself keeps polling: its MPI progress serves the others' arrivals.
+    idle = k >= n and eng.rank != eng.counter.root
     while True:
         with eng._cond:
             if eng._rebase_to is not None:
@@ -54,16 +60,17 @@ def await_turn(eng, st: StepState) -> Turn:
             eng._busy_since = time.monotonic()
             eng.counter.stop(t)
             left_here = True
-        word = ArrivalCounter.decode(eng.counter.peek(t))
-        if word.complete(k, n):
-            st.closed_seen_at = eng.clock.now()
-            return Turn.CLOSED
-        if word.everyone_left(n):
-            return Turn.STOPPED
+        if not idle or left_here:
+            word = ArrivalCounter.decode(eng.counter.peek(t))
+            if word.complete(k, n):
+                st.closed_seen_at = eng.clock.now()
+                return Turn.CLOSED
+            if word.everyone_left(n):
+                return Turn.STOPPED
         eng.tend()
         with eng._cond:
             pending = eng._pending
             if eng._rebase_to is None and (
                     pending is None or pending.reply is not None
                     or (pending.arrived or pending.version < t) and not pending.sealed):
-                eng._cond.wait(backoff.interval())
+                eng._cond.wait(IDLE_POLL if idle and not left_here else backoff.interval())

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hvd_backup.planning.plan import Workload, allreduce_seconds, main, parse_bandwidth, predict
+from hvd_backup.planning.plan import Workload, allreduce_seconds, exposed_seconds, main, parse_bandwidth, predict
 from hvd_backup.planning.simulate import simulate
 from hvd_backup.protocol.adaptive import AutoBackup
 from hvd_backup.records import StepRecord
@@ -80,3 +80,18 @@ def test_auto_b_decides_every_few_steps_from_its_own_window():
     assert [s for s, b in enumerate(answers) if b is not None] == [9, 19, 29, 39]  # after steps 9, 19, ...
     assert [answers[s] for s in (9, 19, 29, 39)] == [0, 1, 1, 1]
     assert [r.step for r in auto.seen] == list(range(20, 40))
+
+
+def test_overlap_hides_the_allreduce_behind_the_backward_pass_but_not_the_last_bucket():
+    assert exposed_seconds(0.10, backward_s=0.04, tail_s=0.01) == pytest.approx(0.06)
+    assert exposed_seconds(0.10, backward_s=0.20, tail_s=0.01) == pytest.approx(0.01)  # all hidden but the tail
+    assert exposed_seconds(0.0, backward_s=0.20, tail_s=0.0) == 0.0
+
+
+def test_planner_with_overlap_predicts_shorter_steps(capsys):
+    flags = ["--compute", "0.1", "--ranks", "8", "--params", "25.6M", "--bandwidth", "1GB/s", "--steps", "50"]
+    plain, overlapped = [], []
+    for out, extra in ((plain, []), (overlapped, ["--overlap"])):
+        assert main(flags + extra) == 0
+        out.append(float(capsys.readouterr().out.split("allreduce ")[1].split(" ms")[0]))
+    assert overlapped[0] < plain[0]
