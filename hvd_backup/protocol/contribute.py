@@ -57,6 +57,7 @@ def contribute(eng, st: StepState):
     handles.append(eng.backend.start(eng._meta, f"{eng.name}.meta"))
     eng.timings.add("posted", time.perf_counter() - tic)
     tic = time.perf_counter()
+    eng._quiet_until = time.monotonic() + 1.0
     while not all(eng.backend.done(h) for h in handles):
         closer = _close_on_timeout(eng, st, closer, close_at)
         eng.tend()

@@ -48,6 +48,7 @@ class Backend(Protocol):
 
     name: str
     comm: Any  # the mpi4py communicator whose ranks are the backend's ranks
+    drives_progress: bool  # a thread of its own enters MPI all the time (which serves the counter's host too)
 
     def start(self, tensor: torch.Tensor, name: str, compress: bool = False) -> Any:
         """Post the sum of ``tensor`` over all ranks, in place (``compress``: in the backend's compressed form,

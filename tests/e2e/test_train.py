@@ -19,13 +19,15 @@ def without_horovod(tmp_path):
     return {"PYTHONPATH": os.pathsep.join([str(blocker.parent), ROOT, os.environ.get("PYTHONPATH", "")])}
 
 
-@pytest.mark.parametrize("np_,backend", [(2, "mpi"), (4, "horovod")])
-def test_digits_reaches_95_percent_with_a_slow_rank(tmp_path, np_, backend, without_horovod):
-    """With each backend; ``--backend mpi`` on a machine without Horovod (it must not need it)."""
+@pytest.mark.parametrize("np_,backend,overlap", [(2, "mpi", False), (4, "horovod", True)])
+def test_digits_reaches_95_percent_with_a_slow_rank(tmp_path, np_, backend, overlap, without_horovod):
+    """With each backend; ``--backend mpi`` on a machine without Horovod (it must not need it); on Horovod's,
+    with the gradients handed in during the backward pass (``--overlap``, small buckets)."""
     metrics = tmp_path / "m.jsonl"
     slow = np_ - 1
     args = ["--backend", backend, "--backup-workers", "1", "--straggler", f"fixed:delay=0.15,rank={slow}",
-            "--metrics", str(metrics), "--print-freq", "20"]
+            "--metrics", str(metrics), "--print-freq", "20",
+            *(["--overlap", "--bucket-cap-mb", "0.01"] if overlap else [])]
     proc = launch(np_, args, env=without_horovod if backend == "mpi" else None)
     assert proc.returncode == 0, proc.stdout
     s = summary(metrics)
@@ -51,7 +53,8 @@ def test_imagenet_folder_of_jpegs(tmp_path):
     root = write_imagefolder(tmp_path / "imagenet")
     metrics = tmp_path / "m.jsonl"
     proc = launch(2, ["--dataset", "imagenet", "--data", root, "--arch", "resnet18", "--image-size", "32",
-                      "--steps", "3", "-b", "2", "--workers", "1", "--eval-every", "2", "--metrics", str(metrics)])
+                      "--steps", "3", "-b", "2", "--workers", "1", "--eval-every", "2", "--metrics", str(metrics),
+                      "--overlap", "--bucket-cap-mb", "4"])  # a convolutional model's buckets too
     assert proc.returncode == 0, proc.stdout
     evals = [r for r in read_metrics(metrics) if r["type"] == "eval"]
     assert [e["step"] for e in evals] == [2, 3] and all(e["samples"] == 9 for e in evals)
