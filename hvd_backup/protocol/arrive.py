@@ -22,10 +22,11 @@ def await_turn(eng, st: StepState) -> Turn:
     k, t, n = eng.step_quorum(), st.t, eng.size
     backoff = Backoff(20e-6, eng.poll_cap)
     left_here = False
-    # With k = N (b = 0, or the start-up step) the step cannot close before this rank arrives or leaves: there is
-    # nothing to poll for, and every poll costs the training thread CPU and the counter's host a message. The
-    # host itself keeps polling: its MPI progress serves the others' arrivals.
-    idle = k >= n and eng.rank != eng.counter.root
+    # With k = N (b = 0, or the start-up step) and no timeout close the step cannot close before this rank
+    # arrives or leaves: there is nothing to poll for, and every poll costs the training thread CPU and the
+    # counter's host a message. The host itself keeps polling: its MPI progress serves the others' arrivals.
+    timeout_close = eng.straggler_timeout is not None and eng.warm
+    idle = k >= n and not timeout_close and eng.rank != eng.counter.root
     while True:
         with eng._cond:
             if eng._rebase_to is not None:
