@@ -113,7 +113,8 @@ class StepEngine:
         self._last_beat = 0.0
         # Each look is a synchronous one-sided read at the counter's host: over a busy link it waits behind the
         # step's own allreduce traffic (every 0.1 s cost 6M parameters over 1 Gbit/s a tenth of their step), so
-        # there is none in the first second of waiting for the allreduces, when a step normally completes.
+        # there is none in the first second of waiting for the allreduces, when a step normally completes, unless
+        # the last was 1.5 s ago (steps of under a second follow each other: the check must not starve).
         self._failure_check_every = 0.5
         self._quiet_until = 0.0  # no failure checks before then: the first second of waiting for a step's allreduces
         self._last_failure_check = 0.0
@@ -316,7 +317,8 @@ class StepEngine:
             self.counter.beat(int(1e3 * self.clock.now()))
         if self._to_announce is not None and not self._announced.is_set():
             self._publish_failure()
-        if now - self._last_failure_check >= self._failure_check_every and now >= self._quiet_until:
+        since = now - self._last_failure_check
+        if since >= self._failure_check_every and (now >= self._quiet_until or since >= 3 * self._failure_check_every):
             self._last_failure_check = now
             found = self.counter.failed()
             if found is not None and found[0] != self.rank:
