@@ -41,27 +41,23 @@ def test_overlap_applies_the_same_update_as_the_hand_in_at_step(comm, backend):
         torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
 
 
-def test_accumulating_without_declaring_it_is_a_clear_error(comm, backend):
+@pytest.mark.parametrize("misuse, message", [
+    ("backward", r"gradient 2 times before step\(\).*backward_passes_per_step=K"),  # accumulation, undeclared
+    ("zero_grad", r"zero_grad\(\) after backward\(\) and before step\(\)"),
+], ids=["accumulation-undeclared", "zero_grad-after-backward"])
+def test_a_misuse_between_backward_and_step_is_a_clear_error(comm, backend, misuse, message):
+    """The error names what to do; what left with the first backward() is this step's gradient, and the job
+    goes on."""
     model = make_model()
     with wrap(torch.optim.SGD(model.parameters(), lr=0.05), model, backend, overlap=True) as opt:
         x, y = batch(0, comm.Get_rank())
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        with pytest.raises(RuntimeError, match=r"gradient 2 times before step\(\).*backward_passes_per_step=K"):
-            F.cross_entropy(model(x), y).backward()
-        opt.step()  # what left with the first backward() is this step's gradient; the job goes on
-        statuses = train(comm, model, opt)
-    assert_identical(comm, model, opt, statuses=statuses)
-
-
-def test_zero_grad_between_backward_and_step_is_a_clear_error(comm, backend):
-    model = make_model()
-    with wrap(torch.optim.SGD(model.parameters(), lr=0.05), model, backend, overlap=True) as opt:
-        x, y = batch(0, comm.Get_rank())
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        with pytest.raises(RuntimeError, match=r"zero_grad\(\) after backward\(\) and before step\(\)"):
-            opt.zero_grad()
+        with pytest.raises(RuntimeError, match=message):
+            if misuse == "backward":
+                F.cross_entropy(model(x), y).backward()
+            else:
+                opt.zero_grad()
         opt.step()
         statuses = train(comm, model, opt)
     assert_identical(comm, model, opt, statuses=statuses)
