@@ -68,8 +68,7 @@ class Buckets:
                     f"step(), with backward_passes_per_step={self.passes} and overlap=True: its gradient has "
                     "already left. Pass backward_passes_per_step=K to accumulate K backward passes per step(), "
                     "or overlap=False")
-            self.side.take_grad(i, param.grad)
-            if param.grad is not None and param.grad.data_ptr() == self.side.grad_view(i).data_ptr():
+            if self.side.take_grad(i, param.grad):
                 # Accumulated in place into the buffer that is about to travel: an in-place edit before step()
                 # (GradScaler.unscale_) must not reach it while its allreduce runs.
                 param.grad = param.grad.clone()

@@ -154,22 +154,27 @@ class Consensus:
                 raise ValueError(f"hvd_backup: a {p.dtype} parameter on {p.device} now requires a gradient, but "
                                  f"the optimizer reduces {self.dtype} on {self.device}: wrap it in its own optimizer")
 
+    def _dense(self, i: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Parameter ``i``'s gradient as the dense tensor that travels (``None``: it has none, and ``present``
+        says so)."""
+        self.present[i] = 0.0 if grad is None else 1.0
+        if grad is not None and grad.is_sparse:
+            if not self.sparse_as_dense:
+                raise ValueError(f"hvd_backup: parameter {self.names[i]} has a sparse gradient: pass "
+                                 "sparse_as_dense=True to reduce it as a dense one")
+            grad = grad.to_dense()
+        return grad
+
     def flatten(self, inv_scale: torch.Tensor | None = None) -> None:
         """Copy the local gradients into ``send`` and note which parameters have one (training thread);
         ``inv_scale`` unscales them (a GradScaler's 1 / scale)."""
         views, grads = [], []
         with torch.no_grad():
-            for i, (p, view, name) in enumerate(zip(self.params, self._send_views, self.names)):
-                grad = p.grad
-                self.present[i] = 0.0 if grad is None else 1.0
+            for i, (p, view) in enumerate(zip(self.params, self._send_views)):
+                grad = self._dense(i, p.grad)
                 if grad is None:
                     view.zero_()
                     continue
-                if grad.is_sparse:
-                    if not self.sparse_as_dense:
-                        raise ValueError(f"hvd_backup: parameter {name} has a sparse gradient: pass "
-                                         "sparse_as_dense=True to reduce it as a dense one")
-                    grad = grad.to_dense()
                 if grad.data_ptr() != view.data_ptr():  # a gradient accumulated in place already is there
                     views.append(view)
                     grads.append(grad)
@@ -178,29 +183,22 @@ class Consensus:
             if inv_scale is not None:
                 self.send.mul_(inv_scale.to(self.send.device))
 
-    def grad_view(self, i: int) -> torch.Tensor:
-        """Parameter ``i``'s place in ``send``."""
-        return self._send_views[i]
-
-    def take_grad(self, i: int, grad: torch.Tensor | None, times: torch.Tensor | None = None) -> None:
+    def take_grad(self, i: int, grad: torch.Tensor | None, times: torch.Tensor | None = None) -> bool:
         """Copy parameter ``i``'s gradient into ``send`` (``overlap``: from its hook during the backward pass),
-        times ``times`` if given, and note whether it has one (training thread)."""
+        times ``times`` if given, and note whether it has one (training thread). Returns whether the gradient
+        already lived there (accumulated in place into the buffer)."""
         view = self._send_views[i]
         with torch.no_grad():
+            grad = self._dense(i, grad)
             if grad is None:
-                self.present[i] = 0.0
                 view.zero_()
-                return
-            self.present[i] = 1.0
-            if grad.is_sparse:
-                if not self.sparse_as_dense:
-                    raise ValueError(f"hvd_backup: parameter {self.names[i]} has a sparse gradient: pass "
-                                     "sparse_as_dense=True to reduce it as a dense one")
-                grad = grad.to_dense()
-            if grad.data_ptr() != view.data_ptr():
+                return False
+            in_place = grad.data_ptr() == view.data_ptr()
+            if not in_place:
                 view.copy_(grad)
             if times is not None:
                 view.mul_(times.to(view.device))
+            return in_place
 
     def _apply(self, opt, params, flat, hyper, present, skip: bool) -> None:
         # The gradients become views of the reduced buffer: no copy. (For the live parameters that buffer is

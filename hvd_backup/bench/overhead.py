@@ -46,21 +46,21 @@ def build(size: str, seed: int = 0):
 
 def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmup: int = 3,
         trace: str | None = None, auto_max: int | None = None, backend: str = "horovod",
-        overlap: bool = False, cap: float = 25.0) -> dict:
+        overlap: bool = False) -> dict:
     """Train ``steps`` global steps with ``variant`` ("horovod", "ddp", "b0", "b1", ..., "auto"; ours on
-    ``backend``, with ``overlap`` or not); rank 0's wall time, this rank's compute times, and (ours) the step records; rank 0 writes them
-    to ``trace`` in the trainer's metrics format when given. "ddp" needs torch.distributed's default group."""
+    ``backend``, with ``overlap`` or not); rank 0's wall time, this rank's compute times, and (ours) the step
+    records; rank 0 writes them to ``trace`` in the trainer's metrics format when given. "ddp" needs
+    torch.distributed's default group."""
     comm = MPI.COMM_WORLD
     model, x, y = build(size)
     base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     ours = variant not in ("horovod", "ddp")
     if variant == "auto":
         opt = hvd_backup.DistributedOptimizer(base, model.named_parameters(), backup_workers="auto", auto_every=10,
-                                              max_backup_workers=auto_max, backend=backend, overlap=overlap,
-                                              bucket_cap_mb=cap)
+                                              max_backup_workers=auto_max, backend=backend, overlap=overlap)
     elif ours:
         opt = hvd_backup.DistributedOptimizer(base, model.named_parameters(), backup_workers=int(variant[1:]),
-                                              backend=backend, overlap=overlap, bucket_cap_mb=cap)
+                                              backend=backend, overlap=overlap)
     elif variant == "ddp":
         model, opt = torch.nn.parallel.DistributedDataParallel(model), base
     else:
