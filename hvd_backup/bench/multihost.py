@@ -28,14 +28,16 @@ VARIANTS = [("horovod", "horovod", None, False), ("ddp", "ddp", None, False),
 SIZES = ("1M", "6M", "25M")
 
 
-def measure(hvd, steps: int, warmup: int, reps: int, sizes=SIZES) -> dict:
+def measure(hvd, steps: int, warmup: int, reps: int, sizes=SIZES, labels=None) -> dict:
     """``{size: {"params", "ms_per_step": {label: median}, "all_ms", "over_horovod": {label: ratio}}}``, each
-    variant's median of ``reps`` runs of ``steps`` steps after ``warmup``. Collective."""
+    variant's median of ``reps`` runs of ``steps`` steps after ``warmup`` (``labels``: only those variants,
+    Horovod's optimizer always). Collective."""
+    variants = [v for v in VARIANTS if labels is None or v[0] in labels or v[0] == "horovod"]
     results = {}
     for size in sizes:
-        per = {label: [] for label, *_ in VARIANTS}
+        per = {label: [] for label, *_ in variants}
         for _ in range(reps):
-            for label, variant, backend, overlap in VARIANTS:
+            for label, variant, backend, overlap in variants:
                 per[label].append(run(variant, size, steps, hvd, warmup=warmup, backend=backend or "horovod",
                                       overlap=overlap)["ms_per_step"])
         med = {label: statistics.median(ms) for label, ms in per.items()}
@@ -50,6 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, of " + ", ".join(SIZES))
+    parser.add_argument("--variants", help="comma-separated labels, of " + ", ".join(v[0] for v in VARIANTS)
+                        + " (default: all)")
     parser.add_argument("--master-addr", required=True, help="an address of rank 0's host that every rank reaches")
     parser.add_argument("--master-port", type=int, default=29500)
     parser.add_argument("--out", required=True)
@@ -61,7 +65,8 @@ def main(argv=None) -> int:
     try:
         result = {"ranks": comm.Get_size(), "hosts": sorted(set(comm.allgather(MPI.Get_processor_name()))),
                   "steps": args.steps, "reps": args.reps,
-                  "sizes": measure(hvd, args.steps, args.warmup, args.reps, args.sizes.split(","))}
+                  "sizes": measure(hvd, args.steps, args.warmup, args.reps, args.sizes.split(","),
+                                   args.variants.split(",") if args.variants else None)}
     finally:
         dist.destroy_process_group()
     if comm.Get_rank() == 0:
