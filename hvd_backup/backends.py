@@ -38,6 +38,7 @@ class HorovodBackend:
         self.hvd = hvd
         self.drives_progress = bool(hvd.mpi_enabled())  # not with Gloo's controller (horovodrun --gloo)
         self.compression = compression  # Horovod's Compression.fp16 and the like, for the gradients only
+        self.exact = compression is None or compression is hvd.Compression.none
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         if (hvd.size(), hvd.rank()) != (self.comm.Get_size(), self.comm.Get_rank()):
             raise RuntimeError(
@@ -80,6 +81,7 @@ class MPIBackend:
 
     name = "mpi"
     drives_progress = False  # only the communication thread enters MPI
+    exact = True
 
     def __init__(self, comm: MPI.Intracomm | None = None):
         self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()

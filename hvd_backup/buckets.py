@@ -31,11 +31,14 @@ def bucket_groups(sizes: list[int], itemsize: int, cap_mb: float, first_mb: floa
 
 
 def element_ranges(sizes: list[int], groups: list[range]) -> list[tuple[int, int]]:
-    """The flat buffer's element range of each bucket of ``groups``."""
-    starts = [0]
-    for n in sizes:
-        starts.append(starts[-1] + n)
-    return [(starts[g.start], starts[g.stop]) for g in groups]
+    """Each bucket's element range in a flat buffer laid out bucket after bucket in the order of ``groups``
+    (``Consensus.arrange``)."""
+    ranges, at = [], 0
+    for group in groups:
+        n = sum(sizes[i] for i in group)
+        ranges.append((at, at + n))
+        at += n
+    return ranges
 
 
 class Buckets:

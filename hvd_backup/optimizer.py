@@ -139,6 +139,7 @@ class _BackupOptimizer(torch.optim.Optimizer):
         sizes = [p.numel() for p in consensus.params]
         groups = (bucket_groups(sizes, consensus.send.element_size(), values["bucket_cap_mb"])
                   if values["overlap"] else [range(len(sizes))])
+        consensus.arrange([i for group in groups for i in group])
         self._hvdb_engine = StepEngine(
             consensus, backend=make_backend(values["backend"], comm, options.compression),
             quorum=size - checked.b, straggler_timeout=values["straggler_timeout"],

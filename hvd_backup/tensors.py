@@ -131,12 +131,34 @@ class Consensus:
         self.send = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         self.zeros = torch.zeros_like(self.send)
         self.present = torch.zeros(len(self.params), dtype=torch.float64)  # per parameter: this rank has a grad
+        self.order = list(range(len(self.params)))  # the parameters' order in `send` (see arrange())
         self._send_views = self.views(self.send)
         self.hyper = Hyper(opt.param_groups)
         self.shadow = None
 
+    def reserve(self, extra: int) -> None:
+        """Give ``send`` and ``zeros`` ``extra`` elements after the gradients (the communication thread's, for the
+        metadata that travels with the last bucket). Before the first hand-in."""
+        self.send = torch.zeros(self.numel + extra, dtype=self.dtype, device=self.device)
+        self.zeros = torch.zeros_like(self.send)
+        self._send_views = self.views(self.send)
+
+    def arrange(self, order: list[int]) -> None:
+        """Lay the gradients out in ``send`` in this order of ``params`` (the buckets' posting order, so that each
+        bucket is one range and the last one ends where the metadata starts). Before the first hand-in."""
+        if sorted(order) != list(range(len(self.params))):
+            raise ValueError(f"hvd_backup: a layout must name each of the {len(self.params)} parameters once")
+        self.order = list(order)
+        self._send_views = self.views(self.send)
+
     def views(self, flat):
-        return flat_views(self.params, flat)
+        """Views of ``flat`` shaped like each of ``params``, laid out in ``order``."""
+        out, offset = [None] * len(self.params), 0
+        for i in self.order:
+            n = self.params[i].numel()
+            out[i] = flat[offset:offset + n].view_as(self.params[i])
+            offset += n
+        return out
 
     def signature(self) -> str:
         return f"{self.dtype}:" + ",".join("x".join(map(str, p.shape)) for p in self.params)
@@ -181,7 +203,7 @@ class Consensus:
             if views:
                 torch._foreach_copy_(views, grads)
             if inv_scale is not None:
-                self.send.mul_(inv_scale.to(self.send.device))
+                self.send[:self.numel].mul_(inv_scale.to(self.send.device))
 
     def take_grad(self, i: int, grad: torch.Tensor | None, times: torch.Tensor | None = None) -> bool:
         """Copy parameter ``i``'s gradient into ``send`` (``overlap``: from its hook during the backward pass),
@@ -217,7 +239,7 @@ class Consensus:
         return [p for g in self.shadow.param_groups for p in g["params"]]
 
     def apply_live(self, flat, hyper, present, *, skip: bool = False) -> None:
-        if flat is not self.send:  # the result is in `zeros`: it becomes the training thread's buffer
+        if flat.data_ptr() != self.send.data_ptr():  # the result is in `zeros`: the training thread's buffer now
             self.send, self.zeros = self.zeros, self.send
             self._send_views = self.views(self.send)
         self._apply(self.opt, self.params, flat, hyper, present, skip)

@@ -5,6 +5,7 @@ Every global step ``t``, on every one of the N ranks, with quorum ``k = N - b``:
 1. **Arrive** (:mod:`.arrive`). When this rank's gradient for step ``t`` is ready (computed on the parameters of
    version ``t``), the communication thread arrives with ONE atomic fetch-and-add on step ``t``'s counter word
    (:class:`mpi_tools.ArrivalCounter`). An arrival that saw fewer than ``k`` arrivals and no close is included.
+   With ``k = N`` and no timeout close every arrival is in: the fetch-and-add then follows the first allreduce.
 2. **Close** (:mod:`.arrive`; the timeout close in :mod:`.contribute`). The step closes when ``k`` ranks have
    arrived or, with ``straggler_timeout``, when the step's first arriver closes it that many seconds after its own
    arrival, once ``min_workers`` have arrived. The close is a fetch-and-add on the same word, so it is atomic with
@@ -13,10 +14,10 @@ Every global step ``t``, on every one of the N ranks, with quorum ``k = N - b``:
    a step also closes once every rank that has not left arrived. Step 0 waits for every rank (start-up).
 3. **Contribute** (:mod:`.contribute`). Every rank posts the step's nonblocking allreduce: included ranks their
    gradients, all others zeros. A slow rank's thread posts its zeros
-   while its training thread is still busy, so the others never wait for its gradient. A small float64 allreduce
-   beside it carries per-rank arrival records and statuses (their sum is the included count, exact in float64),
-   the first arriver's hyper-parameters (learning rate, momentum, ...) and, per parameter, how many included ranks
-   had a gradient for it.
+   while its training thread is still busy, so the others never wait for its gradient. The step's metadata
+   travels with it (folded into the float32 tail of the last bucket, or a small float64 allreduce of its own):
+   per-rank arrival records and statuses (their sum is the included count, exact), the first arriver's
+   hyper-parameters (learning rate, momentum, ...) and, per parameter, how many included ranks had a gradient.
 4. **Reweight** (:mod:`.reweight`, then :mod:`.apply`). The reduced buffer holds the sum of the included gradients;
    every rank divides by their count, takes the first arriver's hyper-parameters and applies the
    identical update: to the live parameters when its training thread is waiting for this step, else to a consensus

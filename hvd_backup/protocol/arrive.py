@@ -10,7 +10,7 @@ from mpi_tools import ArrivalCounter, Backoff
 from ..errors import ProtocolError
 from .state import StepState, Turn
 
-__all__ = ["await_turn"]
+__all__ = ["await_turn", "count_arrival"]
 
 IDLE_POLL = 0.01  # seconds between chores (heartbeat, failure word, watchdog) while nothing can happen
 
@@ -51,11 +51,12 @@ def await_turn(eng, st: StepState) -> Turn:
             sub.arrived = True
             st.submission = sub
             eng._busy_since = time.monotonic()
-            tic = time.perf_counter()
-            seen = ArrivalCounter.decode(eng.counter.arrive(t))
-            st.arrived_at = eng.clock.now()
-            eng.timings.add("arrive", time.perf_counter() - tic)
-            st.order, st.included = seen.arrivals, seen.admits(k)
+            if k >= n and not timeout_close:
+                # Every arrival is in (no quorum short of N, no close): the allreduces go first, and the
+                # fetch-and-add, which across hosts waits for the counter's host to enter MPI, follows them.
+                st.included, st.deferred = True, True
+                return Turn.ARRIVED
+            count_arrival(eng, st, k)
             return Turn.ARRIVED
         if eng._stopping and not left_here:
             eng._busy_since = time.monotonic()
@@ -75,3 +76,16 @@ def await_turn(eng, st: StepState) -> Turn:
                     pending is None or pending.reply is not None
                     or (pending.arrived or pending.version < t) and not pending.sealed):
                 eng._cond.wait(IDLE_POLL if idle and not left_here else backoff.interval())
+
+
+def count_arrival(eng, st: StepState, k: int) -> None:
+    """Count this rank's arrival at step ``st.t`` on the counter (one fetch-and-add): its order, and whether it
+    is in (one of the first ``k``, before any close). A deferred arrival must find itself in."""
+    tic = time.perf_counter()
+    seen = ArrivalCounter.decode(eng.counter.arrive(st.t))
+    st.arrived_at = eng.clock.now()
+    eng.timings.add("arrive", time.perf_counter() - tic)
+    if st.deferred and not seen.admits(k):
+        raise ProtocolError(f"rank {eng.rank}: step {st.t} with a quorum of all {k} ranks and no close counted "
+                            f"this rank's arrival as excluded ({seen})")
+    st.order, st.included, st.deferred = seen.arrivals, seen.admits(k), False

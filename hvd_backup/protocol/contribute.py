@@ -1,11 +1,15 @@
 """Step 3 of :mod:`hvd_backup.protocol`: post the step's allreduces — this rank's gradients if it is included,
-zeros otherwise, one allreduce per bucket; then its column of the metadata — and wait for them. The step's first
+zeros otherwise, one allreduce per bucket, with its column of the metadata — and wait for them. The step's first
 arriver closes the step on ``straggler_timeout`` while it waits (step 2's timeout close).
 
-Every rank posts the same allreduces in the same order (bucket 0, 1, ..., then the metadata), as nonblocking
-collectives on one communicator must be. An included rank whose gradient is handed in during the backward pass
-(``overlap``) posts each bucket once the training thread says it is ready, and the metadata once ``step()``
-sealed the hand-in; a rank that is not included posts all of its zeros at once, so it never holds anyone up."""
+Every rank posts the same allreduces in the same order (bucket 0, 1, ...), as nonblocking collectives on one
+communicator must be. The metadata travels folded into the float32 tail of the last bucket (``Meta.fold``) when
+the gradients are float32 and summed as sent, else as a float64 allreduce of its own after the last bucket. An
+included rank whose gradient is handed in during the backward pass (``overlap``) posts each bucket once the
+training thread says it is ready, and the metadata once ``step()`` sealed the hand-in; a rank that is not
+included posts all of its zeros at once, so it never holds anyone up. A rank that is in by construction (quorum
+N, no timeout close: the arrival is deferred) posts before it counts its arrival.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 
 from mpi_tools import ArrivalCounter, Backoff
 
+from .arrive import count_arrival
 from .state import Meta, StepState
 
 __all__ = ["contribute"]
@@ -35,26 +40,34 @@ def contribute(eng, st: StepState):
     closer = st.order == 0 and eng.straggler_timeout is not None and eng.warm
     close_at = time.monotonic() + (eng.straggler_timeout or 0.0)
     tic = time.perf_counter()
+    last, fold = len(eng.buckets) - 1, eng.fold_at is not None
     while True:
         # Post every bucket that is ready, in order; an included rank's wait for its own backward pass ends
         # when step() seals the hand-in.
-        while posted < len(eng.buckets) and (not st.included or sub.bucket_ready(posted)):
+        while posted <= last and _can_post(eng, st, posted):
+            if fold and posted == last:  # the metadata travels at the end of the last bucket
+                if st.deferred:  # it names the first arriver
+                    count_arrival(eng, st, eng.step_quorum())
+                _fill_meta(eng, st)
+                eng.layout.fold(eng._meta, buf[eng.fold_at:])
             lo, hi = eng.buckets[posted]
-            part = buf[lo:hi]
             if st.included and eng.predivide != 1.0:
-                part.div_(eng.predivide)
-            handles.append(eng.backend.start(part, eng.bucket_names[posted], compress=True))
+                buf[lo:min(hi, side.numel)].div_(eng.predivide)
+            handles.append(eng.backend.start(buf[lo:hi], eng.bucket_names[posted], compress=True))
             posted += 1
-        if posted == len(eng.buckets) and (not st.included or sub.sealed):
+        if st.deferred and posted:  # in by construction: counted once its first allreduce is on its way
+            count_arrival(eng, st, eng.step_quorum())
+        if posted > last and (not st.included or sub.sealed):
             break
         closer = _close_on_timeout(eng, st, closer, close_at)
         eng.tend()
         with eng._cond:
-            if not sub.sealed and not (posted < len(eng.buckets) and sub.bucket_ready(posted)):
+            if not sub.sealed and not (posted <= last and _can_post(eng, st, posted)):
                 eng._cond.wait(backoff.interval())
-    _fill_meta(eng, st)
+    if not fold:
+        _fill_meta(eng, st)
+        handles.append(eng.backend.start(eng._meta, f"{eng.name}.meta"))
     eng.counter.mark(st.t)  # only now: a rank whose backward pass never ends is named by the others' watchdogs
-    handles.append(eng.backend.start(eng._meta, f"{eng.name}.meta"))
     eng.timings.add("posted", time.perf_counter() - tic)
     tic = time.perf_counter()
     eng._quiet_until = time.monotonic() + 1.0
@@ -66,6 +79,16 @@ def contribute(eng, st: StepState):
         eng.backend.finish(h)
     eng.timings.add("allreduce", time.perf_counter() - tic)
     return buf
+
+
+def _can_post(eng, st: StepState, j: int) -> bool:
+    """Whether bucket ``j`` can be posted: a rank that is out sends zeros at once; an included rank a bucket once
+    its gradient is in it, and the bucket that carries the metadata once ``step()`` sealed the hand-in."""
+    if not st.included:
+        return True
+    if j < len(eng.buckets) - 1 or eng.fold_at is None:
+        return st.submission.bucket_ready(j)
+    return st.submission.sealed
 
 
 def _fill_meta(eng, st: StepState) -> None:

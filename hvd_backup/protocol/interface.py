@@ -17,9 +17,13 @@ class TensorSide(Protocol):
     """
 
     device: torch.device
-    send: torch.Tensor  # the training thread's flat gradient buffer, one element per parameter element
+    numel: int  # gradient elements: the first ``numel`` of ``send`` and ``zeros``, one per parameter element
+    send: torch.Tensor  # the training thread's flat gradient buffer (then the communication thread's reserve)
     zeros: torch.Tensor  # the same shape, owned by the communication thread (what a rank not included sends)
     present: torch.Tensor  # float64, per parameter: 1 where this rank's gradient in `send` has one
+
+    def reserve(self, extra: int) -> None:
+        """Make ``send`` and ``zeros`` ``extra`` elements longer than the gradients (before the first hand-in)."""
 
     def apply_live(self, flat: torch.Tensor, hyper: list[float], present: torch.Tensor, *,
                    skip: bool = False) -> None:
@@ -49,6 +53,7 @@ class Backend(Protocol):
     name: str
     comm: Any  # the mpi4py communicator whose ranks are the backend's ranks
     drives_progress: bool  # a thread of its own enters MPI all the time (which serves the counter's host too)
+    exact: bool  # gradients are summed as sent (no compression): metadata can travel in their buffer
 
     def start(self, tensor: torch.Tensor, name: str, compress: bool = False) -> Any:
         """Post the sum of ``tensor`` over all ranks, in place (``compress``: in the backend's compressed form,

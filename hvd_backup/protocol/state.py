@@ -1,5 +1,5 @@
 """What the protocol's steps share on one rank: a hand-in from the training thread, one step's state, the
-outcomes of waiting for a turn, and the layout of the small metadata allreduce that travels with each step."""
+outcomes of waiting for a turn, and the layout of the small metadata that travels with each step's allreduce."""
 
 from __future__ import annotations
 
@@ -7,9 +7,14 @@ import enum
 import math
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 from ..records import StepRecord
 
 __all__ = ["Meta", "StepState", "Submission", "Turn"]
+
+_LOW22, _LOW20 = (1 << 22) - 1, (1 << 20) - 1
 
 
 class Turn(enum.Enum):
@@ -22,9 +27,10 @@ class Turn(enum.Enum):
 
 
 class Meta:
-    """The float64 metadata allreduce: per-rank blocks of N values (each rank writes only its own column, so the
-    sum is everyone's values); then the first arriver's hyper-parameters and flags; then, per parameter, how
-    many included ranks had a gradient for it. Float64 counts are exact for any number of ranks."""
+    """The step's float64 metadata, summed over the ranks: per-rank blocks of N values (each rank writes only its
+    own column, so the sum is everyone's values); then the first arriver's hyper-parameters and flags; then, per
+    parameter, how many included ranks had a gradient for it. It travels as an allreduce of its own, or folded
+    into a float32 gradient buffer (:meth:`fold`), exact either way for any number of ranks."""
 
     ARRIVAL, STATUS, COMPUTE, LOSS, STOP, DURATION, LEFT = range(7)
     BLOCKS = 7
@@ -41,6 +47,31 @@ class Meta:
         self.flags_at = self.hyper_at + hyper_len
         self.present_at = self.flags_at + self.FLAGS
         self.length = self.present_at + params
+        # Folded into a float32 gradient buffer: every value before ``present`` as three float32 integers of
+        # 22, 22 and 20 bits (exact, and exact when summed with zeros: each has one writer), the per-parameter
+        # counts as float32 (exact below 2**24 ranks).
+        self.folded_length = 3 * self.present_at + params
+
+    def fold(self, meta: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the float64 ``meta`` into the float32 ``out`` (``folded_length`` elements, any device)."""
+        at = self.present_at
+        bits = meta[:at].numpy().view(np.uint64)
+        folded = np.empty(self.folded_length, dtype=np.float32)
+        chunks = folded[:3 * at].reshape(at, 3)
+        chunks[:, 0] = bits >> np.uint64(42)
+        chunks[:, 1] = (bits >> np.uint64(20)) & np.uint64(_LOW22)
+        chunks[:, 2] = bits & np.uint64(_LOW20)
+        folded[3 * at:] = meta[at:].numpy()
+        out.copy_(torch.from_numpy(folded))
+
+    def unfold(self, folded: torch.Tensor, meta: torch.Tensor) -> None:
+        """Read the sum of folded metadata back into the float64 ``meta``."""
+        at = self.present_at
+        values = folded.detach().cpu().numpy()
+        chunks = values[:3 * at].reshape(at, 3).astype(np.uint64)
+        bits = (chunks[:, 0] << np.uint64(42)) | (chunks[:, 1] << np.uint64(20)) | chunks[:, 2]
+        meta[:at] = torch.from_numpy(bits.view(np.float64).copy())
+        meta[at:] = torch.from_numpy(values[3 * at:].astype(np.float64))
 
 
 @dataclass(eq=False)
@@ -75,6 +106,7 @@ class StepState:
     t: int
     order: int | None = None  # this rank's arrival order, None if it did not arrive
     included: bool = False  # its arrival was among the first N - b, before any close
+    deferred: bool = False  # in by construction (quorum N, no close); the arrival is counted after posting
     arrived_at: float = math.nan
     closed_seen_at: float = math.nan
     submission: Submission | None = None

@@ -41,3 +41,41 @@ def test_the_mean_is_over_the_included_ranks_not_n():
     record, _, _ = reweight(eng, StepState(0), buf)
     assert record.count == 3 and record.closed_by == "timeout"
     assert buf.tolist() == [1.0, 2.0, -3.0]
+
+
+def test_metadata_folded_into_float32_survives_a_sum_with_the_other_ranks_zeros_bit_for_bit():
+    """Where the gradients are float32 the metadata travels at the end of the last bucket: every float64 value as
+    three float32 integers, which a sum with zeros (the other ranks' columns) leaves exact, whatever the value."""
+    import math
+
+    n = 5
+    layout = Meta(n, hyper_len=3, params=4)
+    columns = []
+    for r in range(n):  # each rank writes its own column; rank 2 is the first arriver
+        meta = torch.zeros(layout.length, dtype=torch.float64)
+        for block, value in enumerate([1.7e9 + r / 3, Meta.IN, 0.123456789 * r, math.nan if r == 4 else -2.5 * r - 1,
+                                       0.0, 5e-324 * r, float(r % 2)]):
+            meta[block * n + r] = value
+        if r == 2:
+            meta[layout.hyper_at:layout.flags_at] = torch.tensor([0.1, float("inf"), -1e-300], dtype=torch.float64)
+            meta[layout.flags_at + Meta.UNSCALE] = 2.0 ** -16
+        meta[layout.present_at:] = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+        columns.append(meta)
+    expected = torch.zeros(layout.length, dtype=torch.float64)
+    for meta in columns:  # what the float64 allreduce gives: each slot has one writer, the counts add up
+        expected += meta
+    total = torch.zeros(layout.folded_length, dtype=torch.float32)
+    for meta in columns:
+        folded = torch.full((layout.folded_length,), -1.0)
+        layout.fold(meta, folded)
+        assert torch.equal(folded, folded.round()) and folded.abs().max() < 2 ** 22  # integers float32 holds
+        total += folded
+    back = torch.zeros(layout.length, dtype=torch.float64)
+    layout.unfold(total, back)
+    assert torch.equal(back.view(torch.int64), expected.view(torch.int64))
+    assert back[layout.present_at:].tolist() == [5.0, 0.0, 5.0, 5.0]
+    one = torch.zeros(layout.length, dtype=torch.float64)
+    one[0] = -0.0
+    layout.fold(one, total)
+    layout.unfold(total + 0.0, back)
+    assert back[0].item() == 0.0 and math.copysign(1.0, back[0].item()) == -1.0  # even the sign of a zero
