@@ -127,22 +127,24 @@ def part_a(hvd, steps: int, reps: int) -> dict:
 
 
 def part_b(hvd, steps: int) -> dict:
-    """Measured time for ``steps`` steps against the simulated ideal, per straggler model.
+    """Measured time for ``steps`` steps against the simulated ideal, per straggler model, for b = 1 with the
+    gradient handed in at ``step()`` and during the backward pass (``overlap``).
 
-    Two ideals: zero overhead (only compute and delays), and with the per-step cost that this run has without
-    any injected delay (allreduce, update) added to every step: the second isolates what stragglers cost us.
+    Two ideals: zero overhead (only compute and delays; communication is free, so the same with and without
+    overlap), and with the per-step cost that the same variant has without any injected delay (allreduce,
+    update, what overlap leaves exposed) added to every step: the second isolates what stragglers cost us.
     """
     comm = MPI.COMM_WORLD
     n, b = comm.Get_size(), 1
     results = {}
-    fixed_s = 0.0
+    fixed_s = {"b1": 0.0, "b1 ov": 0.0}
     for spec in ["none"] + SPECS:
         measured, ideal, latency = {}, {}, []
-        for variant in ("horovod", "b1"):
-            r = run(variant, "1M", steps, hvd, spec=spec, warmup=0)
+        for variant in ("horovod", "b1", "b1 ov"):
+            r = run(variant.split()[0], "1M", steps, hvd, spec=spec, warmup=0, overlap=variant.endswith("ov"))
             measured[variant] = r["seconds"]
             computes = comm.gather(r["computes"], root=0)
-            if comm.Get_rank() != 0 or variant != "b1":
+            if comm.Get_rank() != 0 or variant == "horovod":
                 continue
             injector = StragglerInjector(spec, rank=0, size=n, seed=5)
             median = [statistics.median(c.values()) for c in computes]
@@ -151,23 +153,29 @@ def part_b(hvd, steps: int) -> dict:
                 c = computes[rank].get(v, median[rank])
                 return c + injector.delay(v, c, rank=rank)
 
-            ideal["b1"] = simulate(n, b, steps, work)["time"]
-            ideal["sync"] = simulate(n, 0, steps, work)["time"]
+            ideal[variant] = simulate(n, b, steps, work)["time"]
+            if variant == "b1":
+                ideal["sync"] = simulate(n, 0, steps, work)["time"]
             if spec == "none":
-                fixed_s = (measured["b1"] - ideal["b1"]) / steps
-            ideal["b1_with_step_cost"] = simulate(n, b, steps, work, comm_s=fixed_s)["time"]
-            for rec in r["records"]:
-                arrivals = sorted(a for a in rec.arrival_s if a is not None)
-                if rec.closed_by == "quorum" and len(arrivals) >= n - b:
-                    close = arrivals[n - b - 1]
-                    latency += [s - close for s in rec.seen_s if s is not None]
+                fixed_s[variant] = (measured[variant] - ideal[variant]) / steps
+            ideal[f"{variant} with step cost"] = simulate(n, b, steps, work, comm_s=fixed_s[variant])["time"]
+            if variant == "b1":
+                for rec in r["records"]:
+                    arrivals = sorted(a for a in rec.arrival_s if a is not None)
+                    if rec.closed_by == "quorum" and len(arrivals) >= n - b:
+                        close = arrivals[n - b - 1]
+                        latency += [s - close for s in rec.seen_s if s is not None]
         if comm.Get_rank() == 0:
             results[spec] = {
-                "steps": steps, "measured_s": measured, "ideal_s": ideal, "step_cost_ms": 1e3 * fixed_s,
+                "steps": steps, "measured_s": measured, "ideal_s": ideal, "step_cost_ms": 1e3 * fixed_s["b1"],
                 "backup_over_ideal": measured["b1"] / ideal["b1"],
-                "backup_over_ideal_with_step_cost": measured["b1"] / ideal["b1_with_step_cost"],
+                "backup_over_ideal_with_step_cost": measured["b1"] / ideal["b1 with step cost"],
                 "sync_over_backup": measured["horovod"] / measured["b1"],
                 "straggler_learns_close_us": (1e6 * np.percentile(latency, [50, 90])).tolist() if latency else None,
+                "overlap": {"step_cost_ms": 1e3 * fixed_s["b1 ov"],
+                            "backup_over_ideal": measured["b1 ov"] / ideal["b1 ov"],
+                            "backup_over_ideal_with_step_cost": measured["b1 ov"] / ideal["b1 ov with step cost"],
+                            "sync_over_backup": measured["horovod"] / measured["b1 ov"]},
             }
     return results
 
