@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Buckets", "bucket_groups", "element_ranges"]
+__all__ = ["Buckets", "bucket_groups"]
 
 
 def bucket_groups(sizes: list[int], itemsize: int, cap_mb: float, first_mb: float = 1.0) -> list[range]:
@@ -28,17 +28,6 @@ def bucket_groups(sizes: list[int], itemsize: int, cap_mb: float, first_mb: floa
             hi, filled, cap = i, 0, cap_mb
     groups.append(range(0, hi))
     return groups
-
-
-def element_ranges(sizes: list[int], groups: list[range]) -> list[tuple[int, int]]:
-    """Each bucket's element range in a flat buffer laid out bucket after bucket in the order of ``groups``
-    (``Consensus.arrange``)."""
-    ranges, at = [], 0
-    for group in groups:
-        n = sum(sizes[i] for i in group)
-        ranges.append((at, at + n))
-        at += n
-    return ranges
 
 
 class Buckets:

@@ -20,7 +20,7 @@ from mpi4py import MPI
 from . import amp, lifecycle
 from . import settings as rules
 from .backends import make_backend
-from .buckets import Buckets, bucket_groups, element_ranges
+from .buckets import Buckets, bucket_groups
 from .errors import ProtocolError, same_on_every_rank
 from .horovod_compat import resolve
 from .protocol import StepEngine
@@ -139,14 +139,14 @@ class _BackupOptimizer(torch.optim.Optimizer):
         sizes = [p.numel() for p in consensus.params]
         groups = (bucket_groups(sizes, consensus.send.element_size(), values["bucket_cap_mb"])
                   if values["overlap"] else [range(len(sizes))])
-        consensus.arrange([i for group in groups for i in group])
+        ranges = consensus.arrange(groups)
         self._hvdb_engine = StepEngine(
             consensus, backend=make_backend(values["backend"], comm, options.compression),
             quorum=size - checked.b, straggler_timeout=values["straggler_timeout"],
             min_workers=checked.min_workers, hang_timeout=float(values["hang_timeout"]),
             startup_timeout=values["startup_timeout"], max_lag=values["max_lag"],
             hyper_len=len(consensus.hyper.fields), name=f"hvd_backup.{next(_instances)}", op=options.op,
-            predivide=options.predivide, history=history, buckets=element_ranges(sizes, groups))
+            predivide=options.predivide, history=history, buckets=ranges)
         if checked.b_max is not None:
             self._hvdb_engine.auto = AutoBackup(size, every=values["auto_every"], b_min=0, b_max=checked.b_max)
         self.backward_passes_per_step = options.backward_passes_per_step

@@ -143,13 +143,21 @@ class Consensus:
         self.zeros = torch.zeros_like(self.send)
         self._send_views = self.views(self.send)
 
-    def arrange(self, order: list[int]) -> None:
-        """Lay the gradients out in ``send`` in this order of ``params`` (the buckets' posting order, so that each
-        bucket is one range and the last one ends where the metadata starts). Before the first hand-in."""
+    def arrange(self, groups: list[range]) -> list[tuple[int, int]]:
+        """Lay the gradients out in ``send`` bucket after bucket, each group of ``params`` indices in turn (the
+        buckets' posting order, so that each bucket is one range and the last one ends where the metadata
+        starts); return each bucket's element range. Before the first hand-in."""
+        order = [i for group in groups for i in group]
         if sorted(order) != list(range(len(self.params))):
             raise ValueError(f"hvd_backup: a layout must name each of the {len(self.params)} parameters once")
-        self.order = list(order)
+        self.order = order
         self._send_views = self.views(self.send)
+        ranges, at = [], 0
+        for group in groups:
+            n = sum(self.params[i].numel() for i in group)
+            ranges.append((at, at + n))
+            at += n
+        return ranges
 
     def views(self, flat):
         """Views of ``flat`` shaped like each of ``params``, laid out in ``order``."""

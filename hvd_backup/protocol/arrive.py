@@ -25,8 +25,8 @@ def await_turn(eng, st: StepState) -> Turn:
     # With k = N (b = 0, or the start-up step) and no timeout close the step cannot close before this rank
     # arrives or leaves: there is nothing to poll for, and every poll costs the training thread CPU and the
     # counter's host a message. The host itself keeps polling: its MPI progress serves the others' arrivals.
-    timeout_close = eng.straggler_timeout is not None and eng.warm
-    idle = k >= n and not timeout_close and eng.rank != eng.counter.root
+    every_in = k >= n and not (eng.straggler_timeout is not None and eng.warm)  # no quorum short of N, no close
+    idle = every_in and eng.rank != eng.counter.root
     while True:
         with eng._cond:
             if eng._rebase_to is not None:
@@ -51,9 +51,9 @@ def await_turn(eng, st: StepState) -> Turn:
             sub.arrived = True
             st.submission = sub
             eng._busy_since = time.monotonic()
-            if k >= n and not timeout_close:
-                # Every arrival is in (no quorum short of N, no close): the allreduces go first, and the
-                # fetch-and-add, which across hosts waits for the counter's host to enter MPI, follows them.
+            if every_in:
+                # The allreduces go first, and the fetch-and-add, which across hosts waits for the counter's host
+                # to enter MPI, follows them.
                 st.included, st.deferred = True, True
                 return Turn.ARRIVED
             count_arrival(eng, st, k)

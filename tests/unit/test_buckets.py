@@ -3,7 +3,7 @@ parameters first), so each bucket is one element range and the last one ends whe
 
 import torch
 
-from hvd_backup.buckets import bucket_groups, element_ranges
+from hvd_backup.buckets import bucket_groups
 from hvd_backup.tensors import Consensus
 
 
@@ -14,9 +14,8 @@ def test_buckets_tile_the_buffer_in_posting_order_and_the_last_ends_at_the_gradi
     sizes = [p.numel() for p in params]
     groups = bucket_groups(sizes, itemsize=4, cap_mb=1.2e-3, first_mb=1e-3)  # 262, then 314 elements
     assert [list(g) for g in groups] == [[3, 4], [2], [0, 1]]  # from the last parameter backwards
-    side.arrange([i for g in groups for i in g])
+    ranges = side.arrange(groups)
     side.reserve(7)
-    ranges = element_ranges(sizes, groups)
     assert ranges == [(0, 330), (330, 830), (830, 1170)] and ranges[-1][1] == side.numel
     assert side.send.numel() == side.numel + 7
     base = side.send.data_ptr()
