@@ -47,6 +47,10 @@ class HorovodBackend:
                 "as comm=, or launch with horovodrun/mpirun so both use the world"
             )
 
+    def use(self, ranks: tuple[int, ...]) -> None:
+        if ranks != tuple(range(self.comm.Get_size())):
+            raise RuntimeError("hvd_backup: backend='horovod' reduces over every rank (detach_after needs 'mpi')")
+
     def start(self, tensor: torch.Tensor, name: str, compress: bool = False):
         sent, ctx = (self.compression.compress(tensor) if compress and self.compression is not None
                      else (tensor, None))
@@ -85,6 +89,26 @@ class MPIBackend:
 
     def __init__(self, comm: MPI.Intracomm | None = None):
         self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+        self._everyone = tuple(range(self.comm.Get_size()))
+        self._active = self.comm
+        self._subsets: dict[tuple[int, ...], MPI.Intracomm] = {}
+
+    def use(self, ranks: tuple[int, ...]) -> None:
+        """Sum over ``ranks`` of ``comm`` only, from the next ``start`` on (the ranks that are detached, see
+        :mod:`hvd_backup.protocol.detach`, take no part). The first use of a set creates its communicator:
+        collective over those ranks, and only them."""
+        if ranks == self._everyone:
+            self._active = self.comm
+            return
+        comm = self._subsets.get(ranks)
+        if comm is None:
+            group = self.comm.Get_group()
+            members = group.Incl(list(ranks))
+            comm = self.comm.Create_group(members)
+            members.Free()
+            group.Free()
+            self._subsets[ranks] = comm
+        self._active = comm
 
     def start(self, tensor: torch.Tensor, name: str, compress: bool = False):
         if tensor.dtype in (torch.float16, torch.bfloat16):
@@ -94,7 +118,7 @@ class MPIBackend:
         else:
             staged = tensor.cpu() if tensor.device.type != "cpu" else None
         host = staged if staged is not None else tensor
-        request = self.comm.Iallreduce(MPI.IN_PLACE, [host.numpy(), MPI_TYPES[host.dtype]], op=MPI.SUM)
+        request = self._active.Iallreduce(MPI.IN_PLACE, [host.numpy(), MPI_TYPES[host.dtype]], op=MPI.SUM)
         return _MPIHandle(request, tensor, staged)
 
     def done(self, handle: _MPIHandle) -> bool:
@@ -106,6 +130,9 @@ class MPIBackend:
             handle.tensor.copy_(handle.staged)
 
     def free(self) -> None:
+        for comm in self._subsets.values():
+            comm.Free()
+        self._subsets.clear()
         self.comm.Free()
 
 

@@ -52,6 +52,7 @@ def DistributedOptimizer(
     hang_timeout: float = 600.0,
     startup_timeout: float | None = None,
     max_lag: int | None = None,
+    detach_after: int | None = None,
     backend: str = "horovod",
     comm: MPI.Intracomm | None = None,
     auto_every: int = 50,
@@ -82,6 +83,13 @@ def DistributedOptimizer(
             ranks that never contributed. ``startup_timeout`` (default: the same) is for the first step, which
             waits for every rank.
         max_lag: fail if this rank's training thread falls more than this many steps behind (default: never).
+        detach_after: detach a rank behind a slow link: after this many slow steps in a row (over 4 times the
+            usual step) blamed on its link (its arrival at the counter's host took over 5 times its usual), the
+            others reduce among themselves (a communicator of their own), so its link stops pacing their steps.
+            While detached, each of its ``step()`` calls is answered with rank 0's current parameters and
+            optimizer state (``caught_up``); after 5 s (doubling with each detachment, at most 60 s) or at
+            ``close()`` it is attached again at an agreed step. Never rank 0; only while N - b ranks stay
+            attached; ``backend="mpi"`` only. Default: never (:mod:`hvd_backup.protocol.detach`).
         backend: ``"horovod"`` (``hvd.init()`` first) or ``"mpi"`` (mpi4py only; no Horovod needed).
         comm: the mpi4py communicator of the ranks (default ``MPI.COMM_WORLD``).
         history: how many step records :meth:`pop_records` keeps when nobody pops them.
@@ -101,9 +109,9 @@ def DistributedOptimizer(
                    sparse_as_dense=sparse_as_dense, process_set=process_set)
     return cls(optimizer, named_parameters, horovod, backup_workers=backup_workers,
                straggler_timeout=straggler_timeout, min_workers=min_workers, hang_timeout=hang_timeout,
-               startup_timeout=startup_timeout, max_lag=max_lag, backend=backend, comm=comm, auto_every=auto_every,
-               max_backup_workers=max_backup_workers, history=history, overlap=overlap,
-               bucket_cap_mb=bucket_cap_mb)
+               startup_timeout=startup_timeout, max_lag=max_lag, detach_after=detach_after, backend=backend,
+               comm=comm, auto_every=auto_every, max_backup_workers=max_backup_workers, history=history,
+               overlap=overlap, bucket_cap_mb=bucket_cap_mb)
 
 
 class _BackupOptimizer(torch.optim.Optimizer):
@@ -145,6 +153,7 @@ class _BackupOptimizer(torch.optim.Optimizer):
             quorum=size - checked.b, straggler_timeout=values["straggler_timeout"],
             min_workers=checked.min_workers, hang_timeout=float(values["hang_timeout"]),
             startup_timeout=values["startup_timeout"], max_lag=values["max_lag"],
+            detach_after=values["detach_after"],
             hyper_len=len(consensus.hyper.fields), name=f"hvd_backup.{next(_instances)}", op=options.op,
             predivide=options.predivide, history=history, buckets=ranges)
         if checked.b_max is not None:

@@ -57,6 +57,7 @@ class StepRecord:
     quorum: int = 0  # k = N - b in force for this step
     rank_step_s: tuple[float, ...] = ()  # per rank, the duration of its previous step (for choosing b)
     skipped: bool = False  # GradScaler: the summed gradient was not finite, so no rank applied an update
+    detached: tuple[int, ...] = ()  # ranks that took no part in this step's allreduce (``detach_after``)
 
     @property
     def mean_loss(self) -> float | None:

@@ -65,6 +65,12 @@ def check(values: dict, *, size: int | None, spell: Callable[[str, object], str]
         need(_is_seconds(get("hang_timeout")), "hang_timeout", "seconds > 0")
     if get("max_lag") is not None:
         need(_is_int(get("max_lag")) and get("max_lag") >= 1, "max_lag", f"{optional}an integer >= 1")
+    if get("detach_after") is not None:
+        need(_is_int(get("detach_after")) and get("detach_after") >= 1, "detach_after",
+             f"{optional}an integer >= 1")
+        if get("backend", "mpi") != "mpi":
+            raise ValueError(f"{spell('detach_after', get('detach_after'))} needs backend 'mpi' (Horovod's "
+                             f"allreduce cannot leave ranks out), not {get('backend')!r}")
     if "overlap" in values:
         need(isinstance(get("overlap"), bool), "overlap", "True or False")
     if "bucket_cap_mb" in values:

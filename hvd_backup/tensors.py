@@ -5,6 +5,7 @@ current; plus the optimizer's hyper-parameters as a flat list of floats that tra
 from __future__ import annotations
 
 import copy
+import io
 import numbers
 from collections import defaultdict
 
@@ -270,6 +271,31 @@ class Consensus:
         """Live := consensus (catch-up): parameters and optimizer state. The groups' settings stay this rank's
         own, where its learning-rate schedule keeps them (each step applies the first arriver's anyway)."""
         copy_state(self.shadow, self.opt, [(s, p) for p, s in self._shadow_pairs()], groups=False)
+
+    def export_state(self, live: bool) -> bytes:
+        """The parameters and optimizer state, live or the consensus copy's, as bytes (``torch.save``)."""
+        opt = self.opt if live else self.shadow
+        params = self.all_params if live else self.consensus_params()
+        payload = {"params": [p.detach() for p in params], "state": [dict(opt.state.get(p, {})) for p in params]}
+        out = io.BytesIO()
+        torch.save(payload, out)
+        return out.getvalue()
+
+    def import_state(self, data: bytes) -> None:
+        """Consensus := the parameters and optimizer state another rank's :meth:`export_state` wrote."""
+        payload = torch.load(io.BytesIO(data), map_location=self.device, weights_only=False)
+        if self.shadow is None:
+            self.shadow = self._make_shadow()
+        params = self.consensus_params()
+        if len(payload["params"]) != len(params):
+            raise ValueError(f"hvd_backup: a state of {len(payload['params'])} parameters for {len(params)}")
+        with torch.no_grad():
+            for p, value, state in zip(params, payload["params"], payload["state"]):
+                p.copy_(value)
+                if state:
+                    self.shadow.state[p] = state
+                else:
+                    self.shadow.state.pop(p, None)
 
     def _make_shadow(self):
         base = self.base

@@ -34,6 +34,9 @@ Every global step ``t``, on every one of the N ranks, with quorum ``k = N - b``:
    failed says so in the window's failure word; the others raise ``RankFailedError`` within about a second
    (:mod:`hvd_backup.lifecycle` handles the way out of the process).
 
+With ``detach_after`` (:mod:`.detach`) the counter's host detaches a rank whose link makes every step slow: the
+others count and reduce among themselves, it follows by state transfers, and joins again at an agreed step.
+
 The engine's needs from the tensors and from the allreduce are the two protocols in :mod:`.interface`;
 :mod:`.adaptive` re-chooses b for ``backup_workers="auto"``.
 """

@@ -24,7 +24,7 @@ def apply(eng, st: StepState, buf, hyper, present, record: StepRecord) -> None:
         if pending is None or pending.reply is not None or not pending.sealed:
             pending = None
     if pending is not None and pending.version == t:
-        side.apply_live(buf, hyper, present, skip=record.skipped)
+        side.apply_live(buf, hyper, present, skip=record.skipped or st.empty)
         eng.version = t + 1
         _snapshot(eng, t + 1, side.live_params())
     else:
@@ -33,7 +33,7 @@ def apply(eng, st: StepState, buf, hyper, present, record: StepRecord) -> None:
                 raise ProtocolError(f"step {t}: neither live ({eng.version}) nor consensus "
                                     f"({eng.consensus_version}) parameters are at this step")
             side.sync_consensus()
-        side.apply_consensus(buf, hyper, present, skip=record.skipped)
+        side.apply_consensus(buf, hyper, present, skip=record.skipped or st.empty)
         eng.consensus_version = t + 1
         _snapshot(eng, t + 1, side.consensus_params())
         behind = t + 1 - eng.version

@@ -19,7 +19,7 @@ def await_turn(eng, st: StepState) -> Turn:
     """Run on the communication thread until this rank's part in step ``st.t`` is decided: arrive with the
     gradient the training thread handed in (one fetch-and-add on the step's counter word) or see the step
     complete without it; catch up a gradient that is already stale on the way."""
-    k, t, n = eng.step_quorum(), st.t, eng.size
+    k, t, n = eng.step_quorum(), st.t, eng.attached_count()
     backoff = Backoff(20e-6, eng.poll_cap)
     left_here = False
     # With k = N (b = 0, or the start-up step) and no timeout close the step cannot close before this rank
@@ -68,6 +68,11 @@ def await_turn(eng, st: StepState) -> Turn:
                 st.closed_seen_at = eng.clock.now()
                 return Turn.CLOSED
             if word.everyone_left(n):
+                if eng.members is not None and eng.members.detached():
+                    # No one trains, but detached ranks must still be attached to end with the same state: an
+                    # empty step, in whose metadata the counter's host has them join.
+                    st.empty, st.closed_seen_at = True, eng.clock.now()
+                    return Turn.CLOSED
                 return Turn.STOPPED
         eng.tend()
         with eng._cond:

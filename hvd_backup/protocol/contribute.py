@@ -116,6 +116,8 @@ def _fill_meta(eng, st: StepState) -> None:
             meta[Meta.LEFT * n + me] = 1.0
     eng._stale_compute = None
     meta[Meta.DURATION * n + me] = eng._last_duration
+    if eng.members is not None:
+        eng.members.announce(st, meta)
     if eng._stop_wanted:
         meta[Meta.STOP * n + me] = 1.0
 
@@ -125,7 +127,7 @@ def _close_on_timeout(eng, st: StepState, closer: bool, close_at: float) -> bool
     whether it still has to."""
     if closer and time.monotonic() >= close_at:
         word = ArrivalCounter.decode(eng.counter.peek(st.t))
-        if word.complete(eng.quorum, eng.size):
+        if word.complete(eng.quorum, eng.attached_count()):
             return False
         if word.arrivals >= eng.min_workers:
             eng.counter.close(st.t)

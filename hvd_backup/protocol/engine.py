@@ -19,6 +19,7 @@ from ..records import Status, StepRecord, Timings
 from .apply import apply, catch_up
 from .arrive import await_turn
 from .contribute import contribute
+from .detach import Membership, wait_detached
 from .interface import Backend, TensorSide
 from .reweight import reweight
 from .state import Meta, StepState, Submission, Turn
@@ -46,6 +47,7 @@ class StepEngine:
         hang_timeout: float,
         max_lag: int | None,
         hyper_len: int,
+        detach_after: int | None = None,
         startup_timeout: float | None = None,
         name: str = "hvd_backup",
         op: str = "average",
@@ -90,6 +92,8 @@ class StepEngine:
             side.reserve(self.layout.folded_length)
             self.fold_at = side.numel
             self.buckets[-1] = (self.buckets[-1][0], side.numel + self.layout.folded_length)
+        # Which ranks take part in the steps (None: all, always; see .detach).
+        self.members = Membership(self, detach_after) if detach_after is not None else None
         self.snapshot_every: int | None = None
         self._snapshots: dict[int, list[torch.Tensor]] = {}
         self.stop_requested = False
@@ -140,6 +144,10 @@ class StepEngine:
         self._thread = threading.Thread(target=self._run, name="hvd_backup-comm", daemon=True)
         self._thread.start()
         self.watchdog.start()
+
+    def attached_count(self) -> int:
+        """How many ranks take part in the steps (all but the detached ones)."""
+        return self.size if self.members is None else self.members.count()
 
     def step_quorum(self) -> int:
         """k for the step being decided: N - b, or N for the first step after a start."""
@@ -239,6 +247,8 @@ class StepEngine:
     def free(self) -> None:
         """Release the counter window and the backend (collective); call after :meth:`stop` on every rank."""
         self.counter.free()
+        if self.members is not None:
+            self.members.free()
         self.backend.free()
 
     # --- the communication thread --------------------------------------------------------------------------
@@ -250,6 +260,12 @@ class StepEngine:
             while True:
                 st = StepState(self.step)
                 self._current = st
+                if self.members is not None:
+                    self.members.begin(st.t)
+                    if not self.members.attached[self.rank]:
+                        wait_detached(self, st)  # until attached again, at a later step
+                        continue
+                    self.backend.use(self.members.ranks())
                 turn = await_turn(self, st)  # steps 1-2
                 if turn is Turn.STOPPED:
                     break  # every rank stopped
@@ -261,15 +277,22 @@ class StepEngine:
                     self.layout.unfold(buf[self.fold_at:], self._meta)
                     buf = buf[:self.fold_at]
                 record, hyper, present = reweight(self, st, buf)  # step 4
+                if self.members is not None:
+                    block = self._meta[: Meta.BLOCKS * self.size].view(Meta.BLOCKS, self.size).tolist()
+                    self.members.observe(st, block, record)
                 self.timings.add("reduce", time.perf_counter() - tic)
                 tic = time.perf_counter()
                 apply(self, st, buf, hyper, present, record)  # steps 4-5
+                if self.members is not None:
+                    self.members.after_apply(st.t)
                 self.timings.add("apply", time.perf_counter() - tic)
                 self.warm = True
                 self._busy_since = None
                 if self.rank == self.counter.root and st.t > 0:
                     self.counter.reset(st.t - 1)  # step 6
                 self.step = st.t + 1
+            if self.members is not None:
+                self.members.drain(self.hang_timeout)
         except BaseException as exc:  # noqa: BLE001 - the training thread re-raises it
             self.fail(exc)
             if self._to_announce is not None and not self._announced.is_set():
@@ -321,6 +344,8 @@ class StepEngine:
         asks."""
         if not self.backend.drives_progress:
             self.counter.progress()
+        if self.members is not None:
+            self.members.serve()
         now = time.monotonic()
         if now - self._last_beat >= self._beat_every:
             self._last_beat = now

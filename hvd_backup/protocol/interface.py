@@ -40,6 +40,12 @@ class TensorSide(Protocol):
     def restore_live(self) -> None:
         """Live := consensus: the catch-up."""
 
+    def export_state(self, live: bool) -> bytes:
+        """The parameters and optimizer state, live or the consensus copy's, as bytes (a detached rank's join)."""
+
+    def import_state(self, data: bytes) -> None:
+        """Consensus := what :meth:`export_state` wrote on another rank."""
+
     def live_params(self) -> list[torch.Tensor]:
         """The live parameters, in ``param_groups`` order (for snapshots)."""
 
@@ -54,6 +60,10 @@ class Backend(Protocol):
     comm: Any  # the mpi4py communicator whose ranks are the backend's ranks
     drives_progress: bool  # a thread of its own enters MPI all the time (which serves the counter's host too)
     exact: bool  # gradients are summed as sent (no compression): metadata can travel in their buffer
+
+    def use(self, ranks: tuple[int, ...]) -> None:
+        """Sum over these ranks of ``comm`` only from the next ``start`` on (collective over them the first time
+        a set is used; only the ``mpi`` backend leaves ranks out)."""
 
     def start(self, tensor: torch.Tensor, name: str, compress: bool = False) -> Any:
         """Post the sum of ``tensor`` over all ranks, in place (``compress``: in the backend's compressed form,

@@ -25,9 +25,9 @@ def reweight(eng, st: StepState, buf) -> tuple[StepRecord, list[float], torch.Te
     status = block[Meta.STATUS]
     ins = tuple(r for r in range(n) if status[r] == Meta.IN)
     count = len(ins)
-    if count < 1:
+    if count < 1 and not st.empty:
         raise ProtocolError(f"step {t}: no rank's gradient was included")
-    if eng.op == "average":  # reweight: the mean over the gradients that were in, not over N
+    if eng.op == "average" and count:  # reweight: the mean over the gradients that were in, not over N
         if eng.predivide != 1.0:
             buf.mul_(eng.predivide / count)
         else:
@@ -44,8 +44,9 @@ def reweight(eng, st: StepState, buf) -> tuple[StepRecord, list[float], torch.Te
     first = min((times[r] for r in range(n) if arrived[r]), default=0.0)
     left = sum(1 for r in range(n) if block[Meta.LEFT][r] > 0)
     now = time.monotonic()
-    closed_by = (ClosedBy.ALL if count == n else ClosedBy.QUORUM if count == eng.quorum
-                 else ClosedBy.REMAINING if count + left == n else ClosedBy.TIMEOUT)
+    attached = eng.attached_count()
+    closed_by = (ClosedBy.ALL if count == attached else ClosedBy.QUORUM if count == eng.quorum
+                 else ClosedBy.REMAINING if count + left >= attached else ClosedBy.TIMEOUT)
     record = StepRecord(
         step=t, size=n, count=count, included=ins, closed_by=closed_by, status=Status.ABSENT, wait_s=0.0,
         arrival_s=tuple(times[r] - first if arrived[r] else None for r in range(n)),
@@ -58,6 +59,7 @@ def reweight(eng, st: StepState, buf) -> tuple[StepRecord, list[float], torch.Te
         quorum=eng.quorum,
         rank_step_s=tuple(block[Meta.DURATION]),
         skipped=skipped,
+        detached=tuple(eng.members.detached()) if eng.members is not None else (),
     )
     eng._last_duration = now - eng._last_done
     eng._last_done = now

@@ -32,8 +32,10 @@ class Meta:
     parameter, how many included ranks had a gradient for it. It travels as an allreduce of its own, or folded
     into a float32 gradient buffer (:meth:`fold`), exact either way for any number of ranks."""
 
-    ARRIVAL, STATUS, COMPUTE, LOSS, STOP, DURATION, LEFT = range(7)
-    BLOCKS = 7
+    ARRIVAL, STATUS, COMPUTE, LOSS, STOP, DURATION, LEFT, JOIN, DETACH = range(9)
+    # Written by the counter's host only (``detach_after``), per rank: JOIN, the step at which a detached rank is
+    # attached again; DETACH, the step from which an attached one is detached.
+    BLOCKS = 9
     # Arrival status codes.
     ABSENT, LATE, IN = 0.0, 1.0, 2.0
     # Flags after the hyper-parameters: a GradScaler was in use; the factor that unscales the reduced sum (1 unless
@@ -107,6 +109,7 @@ class StepState:
     order: int | None = None  # this rank's arrival order, None if it did not arrive
     included: bool = False  # its arrival was among the first N - b, before any close
     deferred: bool = False  # in by construction (quorum N, no close); the arrival is counted after posting
+    empty: bool = False  # every attached rank has left while some are detached: no update, only their join
     arrived_at: float = math.nan
     closed_seen_at: float = math.nan
     submission: Submission | None = None

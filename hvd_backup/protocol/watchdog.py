@@ -144,9 +144,15 @@ class Watchdog:
                              f"{what}={limit:g}s{others}"), {}, None
         marks, beats = found
         now_ms = 1e3 * eng.clock.now()
+        members = eng.members
+        if members is not None and not members.attached[eng.rank]:
+            return HangError(f"step {st.t}: this rank was detached (left out of {members.after} steps in a row) "
+                             f"and the counter host rank {root} on {eng.hosts[root]} did not send the state to "
+                             f"attach it again within {what}={limit:g}s of asking"), {}, None
         silent_for = {r: (now_ms - b) / 1e3 for r, b in enumerate(beats)
                       if r != eng.rank and now_ms - b > 2e3 * eng._beat_every + 1e3}
-        culprits = sorted({r for r, m in enumerate(marks) if m < st.t} | set(silent_for))
+        culprits = sorted({r for r, m in enumerate(marks) if m < st.t and (members is None or members.attached[r])}
+                          | set(silent_for))
         detail = ""
         if silent_for:
             quiet = ", ".join(f"rank {r} for {s:.0f}s" for r, s in sorted(silent_for.items()))

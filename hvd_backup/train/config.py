@@ -75,6 +75,9 @@ class TrainConfig:
     min_workers: int | None = _f("fewest ranks a timeout may close a step with", "--min-workers")
     hang_timeout: float = _f("fail the job when a step is stuck this long (seconds)", "--hang-timeout", default=600.0)
     max_lag: int | None = _f("fail when a rank falls this many steps behind", "--max-lag")
+    detach_after: int | None = _f("with --backend mpi: detach a rank blamed for this many slow steps in a row (its "
+                                  "link is slow): the others reduce without it until it is attached again by a "
+                                  "state transfer", "--detach-after")
     overlap: bool = _f("hand the gradients in bucket by bucket during the backward pass, so that their allreduces "
                        "run while it goes on", "--overlap", default=False)
     bucket_cap_mb: float = _f("with --overlap: about how many MiB of gradient each bucket holds", "--bucket-cap-mb",
@@ -146,6 +149,9 @@ class TrainConfig:
         if self.mode != "backup":
             values.pop("backup_workers")
             values.pop("min_workers")
+            values.pop("detach_after")
+        else:
+            values["backend"] = self.backend
         try:
             rules.check(values, size=size, spell=lambda name, value: f"--{name.replace('_', '-')} {value}:",
                         optional="")
@@ -167,7 +173,7 @@ class TrainConfig:
 
 
 OPTIMIZER_SETTINGS = ("backup_workers", "auto_every", "max_backup_workers", "straggler_timeout", "min_workers",
-                      "hang_timeout", "max_lag", "overlap", "bucket_cap_mb")
+                      "hang_timeout", "max_lag", "detach_after", "overlap", "bucket_cap_mb")
 
 
 def _int_or_auto(text: str):

@@ -32,8 +32,8 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, comm, hvd, *, lr: f
         return hvd_backup.DistributedOptimizer(
             base, model.named_parameters(), backup_workers=cfg.backup_workers, auto_every=cfg.auto_every,
             max_backup_workers=cfg.max_backup_workers, straggler_timeout=cfg.straggler_timeout,
-            min_workers=cfg.min_workers, hang_timeout=cfg.hang_timeout, max_lag=cfg.max_lag, backend=cfg.backend,
-            overlap=cfg.overlap, bucket_cap_mb=cfg.bucket_cap_mb)
+            min_workers=cfg.min_workers, hang_timeout=cfg.hang_timeout, max_lag=cfg.max_lag,
+            detach_after=cfg.detach_after, backend=cfg.backend, overlap=cfg.overlap, bucket_cap_mb=cfg.bucket_cap_mb)
     if cfg.mode == "sync":
         from ..baselines.sync import SyncOptimizer
 

@@ -270,7 +270,8 @@ class Trainer:
                            count=rec.count, size=rec.size, included=list(rec.included), dropped=list(rec.dropped),
                            closed_by=rec.closed_by, quorum=rec.quorum, step_s=rec.duration_s, wait_s=wait,
                            arrival_s=list(rec.arrival_s), compute_s=list(rec.compute_s),
-                           **({} if rec.staleness is None else {"staleness": rec.staleness})))
+                           **({} if rec.staleness is None else {"staleness": rec.staleness}),
+                           **({"detached": list(rec.detached)} if rec.detached else {})))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "-", inc=f"{rec.count}/{rec.size}")

@@ -45,6 +45,8 @@ CASES = {
     "timeout-not-a-number": (["--straggler-timeout", "soon"],
                              "argument --straggler-timeout: invalid float value: 'soon'"),
     "hang-timeout-negative": (["--hang-timeout", "-1"], "--hang-timeout -1.0: must be seconds > 0"),
+    "detach-needs-mpi": (["--detach-after", "2"],
+                         "--detach-after 2: needs backend 'mpi' (Horovod's allreduce cannot leave ranks out), not 'horovod'"),
     "min-workers-above-quorum": (["--backup-workers", "1", "--min-workers", "2"], "--min-workers 2: must be an integer with 1 <= min_workers <= N-b=1"),
     "bad-straggler-spec": (["--straggler", "warp:x=1"], "--straggler: straggler spec 'warp:x=1': unknown kind 'warp'"),
     "straggler-rank-out-of-range": (["--straggler", "fixed:delay=1,rank=7"], "names rank 7, but there are only 2 ranks"),

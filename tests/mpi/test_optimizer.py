@@ -393,6 +393,9 @@ BAD = [
     (dict(min_workers="quorum+1"), "must be an integer with 1 <= min_workers <= N-b"),
     (dict(backend="nccl"), "backend='nccl' is not one of 'horovod', 'mpi'"),
     (dict(max_lag=0), "max_lag=0 must be None or an integer >= 1"),
+    (dict(detach_after=0), "detach_after=0 must be None or an integer >= 1"),
+    (dict(detach_after=2, backend="horovod"), "detach_after=2 needs backend 'mpi' .Horovod's allreduce cannot leave "
+                                              "ranks out.. not 'horovod'"),
 ]
 
 

@@ -20,7 +20,8 @@ def _engine(size: int, included: list[int], params: int = 1):
     meta[layout.flags_at + Meta.UNSCALE] = 1.0  # the first arriver's: the gradients travelled unscaled
     meta[layout.present_at:] = len(included)
     return SimpleNamespace(size=size, layout=layout, _meta=meta, quorum=size - 1, op="average", predivide=1.0,
-                           _last_done=time.monotonic(), _last_duration=0.0)
+                           _last_done=time.monotonic(), _last_duration=0.0, members=None,
+                           attached_count=lambda: size)
 
 
 def test_count_is_exact_for_bf16_gradients_at_257_included_ranks():
