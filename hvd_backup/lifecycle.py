@@ -17,11 +17,33 @@ import weakref
 
 from .errors import report
 
-__all__ = ["abort", "announce", "register", "unregister"]
+__all__ = ["abort", "advise_keepalives", "announce", "keepalive_advice", "register", "unregister"]
 
 _live = weakref.WeakSet()  # optimizers not closed yet
 _state = {"installed": False, "failed": False}
 GRACE_S = 3.0  # a failed rank lingers this long after announcing, so the others print the cause first
+
+
+def keepalive_advice(hosts: list[str], environ=os.environ) -> str | None:
+    """A one-line warning when the ranks run on several hosts under ``mpirun`` (or ``horovodrun``, which runs it)
+    without TCP keepalives for Open MPI's runtime: after a lost link every rank still ends within
+    ``hang_timeout``, but mpirun and the daemon on the far side notice nothing for minutes (docs/RELIABILITY.md,
+    M3). mpirun passes the ``--mca`` settings on its command line to the ranks' environment."""
+    if len(set(hosts)) < 2 or not environ.get("OMPI_MCA_orte_launch") \
+            or environ.get("OMPI_MCA_oob_tcp_keepalive_time"):
+        return None
+    return (f"hvd_backup: {len(set(hosts))} hosts under mpirun without short TCP keepalives for Open MPI's runtime: "
+            "if a host's link is lost every rank still ends within hang_timeout, but mpirun and its daemons can "
+            "stay for up to about 23 minutes; run mpirun with --mca oob_tcp_keepalive_time 20 --mca "
+            "oob_tcp_keepalive_intvl 5 --mca oob_tcp_keepalive_probes 4 (unless an mca-params.conf sets them)")
+
+
+def advise_keepalives(hosts: list[str]) -> None:
+    """Print :func:`keepalive_advice`, if any, once per process (on the rank that calls it)."""
+    advice = keepalive_advice(hosts)
+    if advice and not _state.get("advised"):
+        _state["advised"] = True
+        print(advice, file=sys.stderr, flush=True)
 
 
 def register(opt) -> None:

@@ -15,6 +15,7 @@ from mpi4py import MPI
 from mpi_tools import ArrivalCounter, ClockSync
 
 from ..errors import RankFailedError, report
+from ..lifecycle import advise_keepalives
 from ..records import Status, StepRecord, Timings
 from .apply import apply, catch_up
 from .arrive import await_turn
@@ -82,6 +83,8 @@ class StepEngine:
         self.clock = ClockSync(comm=comm)
         # Each rank's host, so that a hang error can say where the missing ranks run (a lost node, a partition).
         self.hosts: list[str] = comm.allgather(MPI.Get_processor_name())
+        if self.rank == 0:
+            advise_keepalives(self.hosts)
         self.counter = ArrivalCounter(slots, comm=comm, root=0)
         self.layout = Meta(self.size, hyper_len, len(side.present))
         self._meta = torch.zeros(self.layout.length, dtype=torch.float64)

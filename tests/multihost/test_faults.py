@@ -157,6 +157,7 @@ def test_a_partition_ends_the_whole_job_when_the_launcher_keeps_alive(hosts, tmp
     assert outcome.clean is not None and outcome.clean < limit, outcome.table()
     # mpirun (on h1) names the host it lost.
     assert re.search(r"lost communication with a remote daemon.*on node h2", outcome.output, re.S), outcome.output
+    assert "without short TCP keepalives" not in outcome.output, outcome.output
     _loaded(outcome)
 
 
@@ -169,7 +170,10 @@ def test_a_partition_ends_every_rank_on_its_own_within_hang_timeout(hosts, tmp_p
     limit = hang + (hang + 5) + 15  # the diagnosis wait, then slack for the exit and this shared machine
     outcome = strike(hosts, tmp_path, note, _cut(hosts, "h1"), watch=limit, hang=hang, launcher=False)
     assert None not in outcome.exits.values() and max(outcome.exits.values()) < limit, outcome.table()
-    # mpirun and the daemon on the far side may stay: Open MPI's runtime, not the ranks (see KEEPALIVE).
+    # mpirun and the daemon on the far side may stay: Open MPI's runtime, not the ranks (see KEEPALIVE); rank 0
+    # said so at the start, with the settings that end them.
+    assert re.search(r"hvd_backup: 2 hosts under mpirun without short TCP keepalives.*--mca oob_tcp_keepalive_time "
+                     r"20", outcome.output), outcome.output
     runtime = ("mpirun", "orted", "setsid", "/bin/sh")
     assert all(line.split()[1].endswith(runtime) for lines in outcome.left.values() for line in lines), \
         outcome.table()
