@@ -2,16 +2,18 @@
 taking part in the step's allreduce, so that its link no longer paces the others' steps (with its gradient or
 its zeros); it follows by state transfers and is attached again, at an agreed step, by one.
 
-Every step, every attached rank takes the same decisions from the step's reduced metadata, so all agree without
-another message:
+The counter's host decides; every attached rank reads its decisions in a step's reduced metadata, so all agree on
+who takes part in each step without another message:
 
 * **Detach.** A slow link does not make a rank late: the step's allreduce waits for its data (or its zeros)
-  whether it is in or not, so every rank finishes the step at about the same time. What marks it is that the
-  steps become slow and that its own arrival, one small atomic operation at the counter's host, waits behind the
-  step's data on its link (:meth:`Membership.blame`). After ``detach_after`` slow steps in a row blamed on the same
-  rank (not the counter's host, not one that left), it is detached from the next step on, as long as at least
-  N - b ranks stay attached. From then on the attached ranks count arrivals and close steps among themselves and reduce on a
-  communicator of their own (``Backend.use``).
+  whether it is in or not, so every rank finishes the step at about the same time, and every step is slow. The
+  counter's host notices a step over ``SLOW`` times the usual and probes every attached rank with
+  ``PROBE_BYTES`` (a small message goes through a congested link in milliseconds; data cannot). After
+  ``detach_after`` probe rounds in a row blaming the same rank (:meth:`Membership.blame`; never the counter's
+  host, never one that left its loop), the host names it in the next step's metadata (block ``DETACH``): every
+  attached rank reads it after that step's reduce, and the rank is out from the step after, as long as at least
+  N - b ranks stay attached. The attached ranks then count arrivals and close steps among themselves and reduce
+  on a communicator of their own (``Backend.use``).
 * **Follow.** A detached rank is served like a parameter-server worker: each gradient its training thread hands
   in is answered (status ``caught_up``) with the counter host's parameters and optimizer state of its current step
   (one message each way, at the pace of its link), so its loop crosses the same global-step boundaries as the
@@ -21,8 +23,7 @@ another message:
   attaches every detached rank without being asked (the steps until then are empty: no update), so that no rank
   is left behind at the end.
 * **Join.** The host names the rank and its join step ``t + 2`` in step ``t``'s metadata (block ``JOIN``); after
-  step ``t + 1`` it sends the rank that step's state and its view of who is attached, who missed how many steps
-  and who joins when. The rank loads the state as its consensus copy and takes part from the join step on.
+  step ``t + 1`` it sends the rank that step's state and who is attached then, and who joins when. The rank loads the state as its consensus copy and takes part from the join step on.
 
 The counter's words are never touched by a detached rank, and the host resets a word only after the step after
 it completed among the attached ranks, so the one-slot-per-step rule of :mod:`mpi_tools.counter` holds.
@@ -73,7 +74,6 @@ class Membership:
         self._steps: list[float] = []  # the median step time of recent steps that were not slow
         self._probe: dict[int, list] | None = None  # a probe round: rank -> [requests, buffers, sent at, took]
         self._blamed = [-1, 0]  # the rank the last probe rounds blamed, and how many rounds in a row
-        self._grace = [0] * n  # no detaching a rank that just joined before this step
         self._detach: int | None = None  # blamed often enough: detached in the next metadata the host fills
         self._asked: set[int] = set()
         self._announced: set[int] = set()
@@ -94,7 +94,6 @@ class Membership:
         """Step ``t`` starts: the ranks announced to join at it are attached."""
         for r in self.joins.pop(t, []):
             self.attached[r] = True
-            self._grace[r] = t + 2 * self.after
             self._announced.discard(r)
 
     def announce(self, st: StepState, meta: torch.Tensor) -> None:
@@ -128,7 +127,7 @@ class Membership:
         for r in self.detached():
             self._skipped.setdefault(r, []).append(record.skipped)
         if self._slow(record.duration_s) and self._probe is None:
-            self._start_probe(st.t, block)
+            self._start_probe(block)
 
     def _slow(self, step: float) -> bool:
         """Whether the step just done took over ``SLOW`` times the usual (learnt from the steps that were not
@@ -140,12 +139,12 @@ class Membership:
             self._steps = (self._steps + [step])[-HISTORY:]
         return False
 
-    def _start_probe(self, t: int, block: list[list[float]]) -> None:
+    def _start_probe(self, block: list[list[float]]) -> None:
         """A slow step: a slow link does not make its rank late (the step's allreduce waits for its data, or
         its zeros, whether it is in or not, so every rank ends the step at about the same time), and a small
         atomic operation goes through it in milliseconds. What it cannot do fast is carry data: the host sends
         every attached rank ``PROBE_BYTES`` and times the acknowledgement."""
-        candidates = [r for r in self.ranks() if r != self.root and block[Meta.LEFT][r] == 0 and t >= self._grace[r]]
+        candidates = [r for r in self.ranks() if r != self.root and block[Meta.LEFT][r] == 0]
         if not candidates:
             return
         self._probe = {}
@@ -162,7 +161,8 @@ class Membership:
         for entry in self._probe.values():
             if entry[3] is None and entry[0][1].Test():
                 entry[3] = now - entry[2]
-        if any(e[3] is None for e in self._probe.values()) and now - min(e[2] for e in self._probe.values()) < PROBE_WAIT:
+        started = min(e[2] for e in self._probe.values())
+        if any(e[3] is None for e in self._probe.values()) and now - started < PROBE_WAIT:
             return
         took = {r: e[3] if e[3] is not None else PROBE_WAIT for r, e in self._probe.items()}
         # An unanswered probe stays posted until its answer comes: a rank on a slow link still sends it.

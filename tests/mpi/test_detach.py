@@ -6,6 +6,7 @@ was detached, included and caught up."""
 import time
 
 import pytest
+import torch
 
 from hvd_backup.protocol import detach
 
@@ -34,7 +35,17 @@ def blame_the_last_rank(monkeypatch, comm, rounds=None):
     monkeypatch.setattr(detach.Membership, "blame", staticmethod(blame))
 
 
-def test_a_rank_blamed_twice_in_a_row_is_detached_then_attached_again(comm, quick_ask, monkeypatch):
+def adam(params):
+    params = list(params)
+    return torch.optim.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3, "betas": (0.8, 0.99)}],
+                            lr=1e-2, weight_decay=1e-4)
+
+
+@pytest.mark.parametrize("optimizer,overlap", [(sgd, False), (adam, True)], ids=["sgd", "adam-overlap"])
+def test_a_rank_blamed_twice_in_a_row_is_detached_then_attached_again(comm, quick_ask, monkeypatch, optimizer,
+                                                                       overlap):
+    """SGD with momentum at step(); Adam (two moments and a step count per parameter, two groups) with the
+    gradients handed in bucket by bucket during backward(): the state that travels is all of it."""
     need_ranks(comm, 2)
     blame_the_last_rank(monkeypatch, comm, rounds=2)
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -44,7 +55,8 @@ def test_a_rank_blamed_twice_in_a_row_is_detached_then_attached_again(comm, quic
     # The last rank takes 0.25 s per gradient for its first 8 steps, then none. Rank 0 (never detached: it hosts
     # the counter) takes 60 ms, so that once the last rank is fast it is the one left out; the others 20 ms.
     delays = Delays(lambda v: (0.25 if v < 8 else 0.0) if rank == slow else 0.06 if rank == 0 else 0.02)
-    with make_opt(model, "mpi", backup_workers=1, detach_after=2) as opt:
+    with make_opt(model, "mpi", optimizer, backup_workers=1, detach_after=2, overlap=overlap,
+                  bucket_cap_mb=1e-4) as opt:
         recorder = Recorder(opt, model)
         comm.Barrier()
         mine = train_until(opt, model, 40, delays, recorder=recorder, lr=rank_lr)
@@ -52,7 +64,7 @@ def test_a_rank_blamed_twice_in_a_row_is_detached_then_attached_again(comm, quic
         digest = state_digest(model, opt)
         timings = opt.timings()
     assert_same_everywhere(comm, digest, "parameters and momentum")
-    assert_matches_reference(comm, recorder, records, start_params, sgd)
+    assert_matches_reference(comm, recorder, records, start_params, optimizer)
     if rank == slow:
         statuses = [rec.status for _, rec in mine]
         assert "caught_up" in statuses and statuses[-1] == "included", statuses
