@@ -300,7 +300,8 @@ class _BackupOptimizer(torch.optim.Optimizer):
         """Where this rank's time went: ``{phase: (seconds, count)}`` for flatten, blocked_in_step, arrive,
         posted (from its part in a step until all of its allreduces were posted: with ``overlap``, the rest of
         its backward pass), allreduce (waiting for the step's reductions after that), reduce (reweighting),
-        apply and catch_up."""
+        apply and catch_up; close_notice counts the steps whose close this rank learnt from a notice; with
+        ``detach_after``, detached_state is the loading of states while detached."""
         return self._hvdb_engine.timings.snapshot(reset)
 
     def pop_records(self) -> list[StepRecord]:

@@ -10,8 +10,9 @@ Every global step ``t``, on every one of the N ranks, with quorum ``k = N - b``:
    arrived or, with ``straggler_timeout``, when the step's first arriver closes it that many seconds after its own
    arrival, once ``min_workers`` have arrived. The close is a fetch-and-add on the same word, so it is atomic with
    the arrivals and all ranks agree on who was in. A rank whose gradient is not ready learns that its step closed
-   by polling the word. A rank that has left its loop (``close()``) adds a stop to every step's word instead;
-   a step also closes once every rank that has not left arrived. Step 0 waits for every rank (start-up).
+   from the close notice of the rank that completed it (:mod:`.notice`), or by reading the word now and then. A
+   rank that has left its loop (``close()``) adds a stop to every step's word instead; a step also closes once
+   every rank that has not left arrived. Step 0 waits for every rank (start-up).
 3. **Contribute** (:mod:`.contribute`). Every rank posts the step's nonblocking allreduce: included ranks their
    gradients, all others zeros. A slow rank's thread posts its zeros
    while its training thread is still busy, so the others never wait for its gradient. The step's metadata

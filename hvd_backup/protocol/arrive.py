@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 
-from mpi_tools import ArrivalCounter, Backoff
+from mpi_tools import ArrivalCounter, Backoff, WordState
 
 from ..errors import ProtocolError
+from .notice import PEEK_EVERY
 from .state import StepState, Turn
 
 __all__ = ["await_turn", "count_arrival"]
@@ -22,6 +23,7 @@ def await_turn(eng, st: StepState) -> Turn:
     k, t, n = eng.step_quorum(), st.t, eng.attached_count()
     backoff = Backoff(20e-6, eng.poll_cap)
     left_here = False
+    next_peek = 0.0
     # With k = N (b = 0, or the start-up step) and no timeout close the step cannot close before this rank
     # arrives or leaves: there is nothing to poll for, and every poll costs the training thread CPU and the
     # counter's host a message. The host itself keeps polling: its MPI progress serves the others' arrivals.
@@ -60,9 +62,18 @@ def await_turn(eng, st: StepState) -> Turn:
             return Turn.ARRIVED
         if eng._stopping and not left_here:
             eng._busy_since = time.monotonic()
-            eng.counter.stop(t)
+            before = ArrivalCounter.decode(eng.counter.stop(t))
+            eng.notify_if_completed(t, before, WordState(before.arrivals, before.closes, before.stops + 1))
             left_here = True
-        if not idle or left_here:
+        if eng.notices is not None and eng.notices.closed(t):
+            st.closed_seen_at = eng.clock.now()
+            eng.timings.add("close_notice", 0.0)  # counted: how often a close was learnt from a notice
+            return Turn.CLOSED
+        now = time.monotonic()
+        if (not idle or left_here) and now >= next_peek:
+            # With close notices the word is read now and then only: the notice is what a waiting rank learns
+            # the close from (.notice).
+            next_peek = now + (PEEK_EVERY if eng.notices is not None else 0.0)
             word = ArrivalCounter.decode(eng.counter.peek(t))
             if word.complete(k, n):
                 st.closed_seen_at = eng.clock.now()
@@ -89,6 +100,7 @@ def count_arrival(eng, st: StepState, k: int) -> None:
     tic = time.perf_counter()
     seen = ArrivalCounter.decode(eng.counter.arrive(st.t))
     st.arrived_at = eng.clock.now()
+    eng.notify_if_completed(st.t, seen, WordState(seen.arrivals + 1, seen.closes, seen.stops))
     eng.timings.add("arrive", time.perf_counter() - tic)
     if st.deferred and not seen.admits(k):
         raise ProtocolError(f"rank {eng.rank}: step {st.t} with a quorum of all {k} ranks and no close counted "

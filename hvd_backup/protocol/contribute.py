@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from mpi_tools import ArrivalCounter, Backoff
+from mpi_tools import ArrivalCounter, Backoff, WordState
 
 from .arrive import count_arrival
 from .state import Meta, StepState
@@ -130,6 +130,7 @@ def _close_on_timeout(eng, st: StepState, closer: bool, close_at: float) -> bool
         if word.complete(eng.quorum, eng.attached_count()):
             return False
         if word.arrivals >= eng.min_workers:
-            eng.counter.close(st.t)
+            before = ArrivalCounter.decode(eng.counter.close(st.t))
+            eng.notify_if_completed(st.t, before, WordState(before.arrivals, before.closes + 1, before.stops))
             return False
     return closer

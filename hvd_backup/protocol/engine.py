@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import sys
 import threading
 import time
@@ -12,7 +13,7 @@ import time
 import torch
 from mpi4py import MPI
 
-from mpi_tools import ArrivalCounter, ClockSync
+from mpi_tools import ArrivalCounter, ClockSync, WordState
 
 from ..errors import RankFailedError, report
 from ..lifecycle import advise_keepalives
@@ -21,6 +22,7 @@ from .apply import apply, catch_up
 from .arrive import await_turn
 from .contribute import contribute
 from .detach import Membership, wait_detached
+from .notice import CloseNotices
 from .interface import Backend, TensorSide
 from .reweight import reweight
 from .state import Meta, StepState, Submission, Turn
@@ -86,6 +88,7 @@ class StepEngine:
         if self.rank == 0:
             advise_keepalives(self.hosts)
         self.counter = ArrivalCounter(slots, comm=comm, root=0)
+        self.notices = CloseNotices(comm) if os.environ.get("HVD_BACKUP_CLOSE_NOTICES", "1") != "0" else None
         self.layout = Meta(self.size, hyper_len, len(side.present))
         self._meta = torch.zeros(self.layout.length, dtype=torch.float64)
         # The metadata travels at the end of the last bucket's allreduce where it can (float32 gradients, summed
@@ -147,6 +150,14 @@ class StepEngine:
         self._thread = threading.Thread(target=self._run, name="hvd_backup-comm", daemon=True)
         self._thread.start()
         self.watchdog.start()
+
+    def notify_if_completed(self, t: int, before: WordState, after: WordState) -> None:
+        """This rank's operation on step ``t``'s word took it from open to complete: tell the attached ranks
+        that may still be waiting for it (:mod:`.notice`)."""
+        n, k = self.attached_count(), self.step_quorum()
+        if (self.notices is not None and not before.complete(k, n) and after.complete(k, n)
+                and after.arrivals + after.stops < n):
+            self.notices.send(t, self.members.ranks() if self.members is not None else range(self.size))
 
     def attached_count(self) -> int:
         """How many ranks take part in the steps (all but the detached ones)."""
@@ -252,6 +263,8 @@ class StepEngine:
         self.counter.free()
         if self.members is not None:
             self.members.free()
+        if self.notices is not None:
+            self.notices.free()
         self.backend.free()
 
     # --- the communication thread --------------------------------------------------------------------------
@@ -289,6 +302,8 @@ class StepEngine:
                 if self.members is not None:
                     self.members.after_apply(st.t)
                 self.timings.add("apply", time.perf_counter() - tic)
+                if self.notices is not None:
+                    self.notices.drain(st.t + 1)
                 self.warm = True
                 self._busy_since = None
                 if self.rank == self.counter.root and st.t > 0:

@@ -422,3 +422,23 @@ def test_settings_that_differ_across_ranks_name_the_rank(comm):
     with pytest.raises(ValueError, match=r"hang_timeout differs across ranks: rank 0 has 60.0, rank 1 has 61.0"):
         hvd_backup.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), backup_workers=0,
                                         backend="mpi", hang_timeout=60.0 + min(rank, 1))
+
+
+def test_a_late_rank_learns_the_close_from_a_notice(comm, backend):
+    """The rank whose arrival completes a step tells the others at once (hvd_backup.protocol.notice): a late
+    rank waiting for the close learns it from its own message queue, not from a round trip to the counter's
+    host. The counter's word is still read every 5 ms, so a lost notice would only cost time."""
+    need_ranks(comm, 2)
+    size, rank = comm.Get_size(), comm.Get_rank()
+    slow = size - 1
+    model = make_model()
+    start_params = initial(model)
+    delays = Delays(lambda v: 0.05 if rank == slow else 0.0)
+    with make_opt(model, backend, backup_workers=1) as opt:
+        recorder = Recorder(opt, model)
+        train_until(opt, model, 30, delays, recorder=recorder, lr=rank_lr)
+        records = opt.pop_records()
+        timings = opt.timings()
+    assert_matches_reference(comm, recorder, records, start_params, sgd)
+    if rank == slow:
+        assert timings.get("close_notice", (0, 0))[1] >= 5, timings
