@@ -65,7 +65,7 @@ def await_turn(eng, st: StepState) -> Turn:
             before = ArrivalCounter.decode(eng.counter.stop(t))
             eng.notify_if_completed(t, before, WordState(before.arrivals, before.closes, before.stops + 1))
             left_here = True
-        if eng.notices is not None and eng.notices.closed(t):
+        if (not idle or left_here) and eng.notices.closed(t):
             st.closed_seen_at = eng.clock.now()
             eng.timings.add("close_notice", 0.0)  # counted: how often a close was learnt from a notice
             return Turn.CLOSED
@@ -73,7 +73,7 @@ def await_turn(eng, st: StepState) -> Turn:
         if (not idle or left_here) and now >= next_peek:
             # With close notices the word is read now and then only: the notice is what a waiting rank learns
             # the close from (.notice).
-            next_peek = now + (PEEK_EVERY if eng.notices is not None else 0.0)
+            next_peek = now + (PEEK_EVERY if eng.notices.enabled else 0.0)
             word = ArrivalCounter.decode(eng.counter.peek(t))
             if word.complete(k, n):
                 st.closed_seen_at = eng.clock.now()

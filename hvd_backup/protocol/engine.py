@@ -22,8 +22,8 @@ from .apply import apply, catch_up
 from .arrive import await_turn
 from .contribute import contribute
 from .detach import Membership, wait_detached
-from .notice import CloseNotices
 from .interface import Backend, TensorSide
+from .notice import CloseNotices
 from .reweight import reweight
 from .state import Meta, StepState, Submission, Turn
 from .watchdog import Watchdog
@@ -88,7 +88,9 @@ class StepEngine:
         if self.rank == 0:
             advise_keepalives(self.hosts)
         self.counter = ArrivalCounter(slots, comm=comm, root=0)
-        self.notices = CloseNotices(comm) if os.environ.get("HVD_BACKUP_CLOSE_NOTICES", "1") != "0" else None
+        # Created on every rank (collective), sent and read only where not turned off: a rank that sends none
+        # still drains what others send it.
+        self.notices = CloseNotices(comm, enabled=os.environ.get("HVD_BACKUP_CLOSE_NOTICES", "1") != "0")
         self.layout = Meta(self.size, hyper_len, len(side.present))
         self._meta = torch.zeros(self.layout.length, dtype=torch.float64)
         # The metadata travels at the end of the last bucket's allreduce where it can (float32 gradients, summed
@@ -155,8 +157,7 @@ class StepEngine:
         """This rank's operation on step ``t``'s word took it from open to complete: tell the attached ranks
         that may still be waiting for it (:mod:`.notice`)."""
         n, k = self.attached_count(), self.step_quorum()
-        if (self.notices is not None and not before.complete(k, n) and after.complete(k, n)
-                and after.arrivals + after.stops < n):
+        if not before.complete(k, n) and after.complete(k, n) and after.arrivals + after.stops < n:
             self.notices.send(t, self.members.ranks() if self.members is not None else range(self.size))
 
     def attached_count(self) -> int:
@@ -263,8 +264,7 @@ class StepEngine:
         self.counter.free()
         if self.members is not None:
             self.members.free()
-        if self.notices is not None:
-            self.notices.free()
+        self.notices.free()
         self.backend.free()
 
     # --- the communication thread --------------------------------------------------------------------------
@@ -302,8 +302,7 @@ class StepEngine:
                 if self.members is not None:
                     self.members.after_apply(st.t)
                 self.timings.add("apply", time.perf_counter() - tic)
-                if self.notices is not None:
-                    self.notices.drain(st.t + 1)
+                self.notices.drain(st.t + 1)
                 self.warm = True
                 self._busy_since = None
                 if self.rank == self.counter.root and st.t > 0:

@@ -20,7 +20,8 @@ PEEK_EVERY = 0.005  # seconds between reads of the counter's word while notices 
 class CloseNotices:
     """Created collectively (a private duplicate of ``comm``); used from the communication thread only."""
 
-    def __init__(self, comm: MPI.Intracomm):
+    def __init__(self, comm: MPI.Intracomm, *, enabled: bool = True):
+        self.enabled = enabled  # off: sends nothing and says nothing is closed, but still drains
         self.comm = comm.Dup()
         self.rank = self.comm.Get_rank()
         self._closed: set[int] = set()
@@ -28,6 +29,8 @@ class CloseNotices:
 
     def send(self, t: int, ranks) -> None:
         """Step ``t`` is complete: tell ``ranks`` (this rank is skipped)."""
+        if not self.enabled:
+            return
         self._out = [o for o in self._out if not MPI.Request.Testall(o[0])]
         buf = np.array([t], dtype=np.int64)
         requests = [self.comm.Isend([buf, MPI.INT64_T], r, _TAG) for r in ranks if r != self.rank]
@@ -38,6 +41,8 @@ class CloseNotices:
         """Whether a notice says step ``t`` is complete. Takes the notices that came (those of steps before
         ``t`` are stale) and completes the sends: called only where a rank waits for a close, since beside
         Horovod's own thread every call into MPI slows its allreduce."""
+        if not self.enabled:
+            return False
         self._poll(t)
         return t in self._closed
 
