@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -31,14 +32,22 @@ def launch(np_: int, args: list[str], *, timeout: float = 180, shm: bool = True,
 
 
 def background(np_: int, args: list[str], log_path, *, shm: bool = True, program: list[str] | None = None,
-               **placement):
+               env: dict | None = None, **placement):
     """Start the trainer (or ``program``) on ``np_`` ranks without waiting; its output goes to ``log_path``.
-    ``placement``: mpirun's ``options``, ``hosts`` and ``wrapper``."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
+    ``placement``: mpirun's ``options``, ``hosts`` and ``wrapper``; ``env``: more environment variables."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1",
+               **(env or {}))
     log = open(log_path, "w")
     proc = start(np_, (program or TRAIN) + list(args), env=env, cwd=ROOT, output=log, shm=shm, **placement)
     RUNNING.append(proc)
     return proc
+
+
+def session_dir() -> str:
+    """A folder of its own for one job's Open MPI session directory (``OMPI_MCA_orte_tmpdir_base``), short
+    enough for the runtime's socket paths: mpiruns started at the same moment race to create the shared one
+    (/tmp/ompi.HOST.UID), and the loser fails in orte_init with "File exists". The caller removes it."""
+    return tempfile.mkdtemp(prefix="hvdb-ompi-", dir="/tmp")
 
 
 def end_background_jobs() -> None:

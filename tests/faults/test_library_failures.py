@@ -10,6 +10,7 @@ printed what.
 
 import os
 import re
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 from mpi_tools.launch import finish
-from tests.e2e.helpers import ROOT, background
+from tests.e2e.helpers import ROOT, background, session_dir
 
 HANG = 4.0  # hang_timeout of the runs
 # After hang_timeout: up to 15 s of diagnosis when the counter's host does not answer, then the abort's grace.
@@ -69,7 +70,9 @@ def watch(case: Case, log_path, window: float, hang_timeout: float) -> Outcome:
     options = KEEP_GOING if case.fault == "kill" else ()
     args = ["--victim", str(case.victim), "--fault", case.fault, "--hang-timeout", str(hang_timeout)]
     start = time.monotonic()
-    proc = background(case.np, args, log_path, options=options, shm=case.shm, program=PROGRAM)
+    session = session_dir()  # the cases start at the same moment
+    proc = background(case.np, args, log_path, options=options, shm=case.shm, program=PROGRAM,
+                      env={"OMPI_MCA_orte_tmpdir_base": session})
     lines, fault_at, ended_at, partial = [], None, None, ""
     with open(log_path) as log:
         while True:
@@ -87,6 +90,7 @@ def watch(case: Case, log_path, window: float, hang_timeout: float) -> Outcome:
                 break
             time.sleep(0.05)
     finish(proc, 0)  # whatever is left of it (a frozen rank outlives mpirun)
+    shutil.rmtree(session, ignore_errors=True)
     return Outcome(lines + [(now, partial)], fault_at, None if ended_at is None else proc.returncode, ended_at)
 
 
