@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from mpi_tools import ArrivalCounter, Backoff, WordState
+from mpi_tools import ArrivalCounter, Backoff
 
 from ..errors import ProtocolError
 from .notice import PEEK_EVERY
@@ -62,8 +62,7 @@ def await_turn(eng, st: StepState) -> Turn:
             return Turn.ARRIVED
         if eng._stopping and not left_here:
             eng._busy_since = time.monotonic()
-            before = ArrivalCounter.decode(eng.counter.stop(t))
-            eng.notify_if_completed(t, before, WordState(before.arrivals, before.closes, before.stops + 1))
+            eng.notify_if_completed(t, eng.counter.stop(t), ArrivalCounter.STOP)
             left_here = True
         if (not idle or left_here) and eng.notices.closed(t):
             st.closed_seen_at = eng.clock.now()
@@ -98,9 +97,10 @@ def count_arrival(eng, st: StepState, k: int) -> None:
     """Count this rank's arrival at step ``st.t`` on the counter (one fetch-and-add): its order, and whether it
     is in (one of the first ``k``, before any close). A deferred arrival must find itself in."""
     tic = time.perf_counter()
-    seen = ArrivalCounter.decode(eng.counter.arrive(st.t))
+    value = eng.counter.arrive(st.t)
     st.arrived_at = eng.clock.now()
-    eng.notify_if_completed(st.t, seen, WordState(seen.arrivals + 1, seen.closes, seen.stops))
+    eng.notify_if_completed(st.t, value, 1)
+    seen = ArrivalCounter.decode(value)
     eng.timings.add("arrive", time.perf_counter() - tic)
     if st.deferred and not seen.admits(k):
         raise ProtocolError(f"rank {eng.rank}: step {st.t} with a quorum of all {k} ranks and no close counted "

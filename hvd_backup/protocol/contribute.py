@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from mpi_tools import ArrivalCounter, Backoff, WordState
+from mpi_tools import ArrivalCounter, Backoff
 
 from .arrive import count_arrival
 from .state import Meta, StepState
@@ -130,7 +130,6 @@ def _close_on_timeout(eng, st: StepState, closer: bool, close_at: float) -> bool
         if word.complete(eng.quorum, eng.attached_count()):
             return False
         if word.arrivals >= eng.min_workers:
-            before = ArrivalCounter.decode(eng.counter.close(st.t))
-            eng.notify_if_completed(st.t, before, WordState(before.arrivals, before.closes + 1, before.stops))
+            eng.notify_if_completed(st.t, eng.counter.close(st.t), ArrivalCounter.CLOSE)
             return False
     return closer

@@ -204,19 +204,23 @@ class Membership:
         if not going:
             return
         view = {"attached": list(self.attached), "joins": {s: list(rs) for s, rs in self.joins.items()}}
+        state = self._state(t + 1)  # exported once for all the ranks that join
         for r in going:
-            self._send(r, JOIN, t + 1, view)
+            self._send(r, JOIN, t + 1, state, view)
 
-    def _send(self, r: int, kind: int, version: int, view: dict | None = None) -> None:
+    def _state(self, version: int) -> bytes:
+        """The host's parameters and optimizer state of step ``version`` (live or the consensus copy's)."""
         eng = self.eng
         if eng.version == version:
-            live = True
-        elif eng.consensus_version == version:
-            live = False
-        else:
-            raise ProtocolError(f"the counter's host holds no state of step {version} for rank {r} (live "
-                                f"{eng.version}, consensus {eng.consensus_version})")
-        payload = _pack(eng.side.export_state(live), eng._last_record, self._skipped.pop(r, []), view)
+            return eng.side.export_state(True)
+        if eng.consensus_version == version:
+            return eng.side.export_state(False)
+        raise ProtocolError(f"the counter's host holds no state of step {version} (live {eng.version}, "
+                            f"consensus {eng.consensus_version})")
+
+    def _send(self, r: int, kind: int, version: int, state: bytes, view: dict | None = None) -> None:
+        eng = self.eng
+        payload = _pack(state, eng._last_record, self._skipped.pop(r, []), view)
         header = np.array([kind, version, payload.size], dtype=np.int64)
         requests = [self.comm.Isend([header, MPI.INT64_T], r, _HEADER),
                     self.comm.Isend([payload, MPI.BYTE], r, _STATE)]
@@ -241,7 +245,7 @@ class Membership:
             if kind == JOIN:
                 self._asked.add(r)
             else:
-                self._send(r, STATE, self.eng.step)
+                self._send(r, STATE, self.eng.step, self._state(self.eng.step))
         self._outgoing = [o for o in self._outgoing if not MPI.Request.Testall(o[0])]
 
     def drain(self, timeout: float) -> None:

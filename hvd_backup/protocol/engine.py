@@ -13,7 +13,7 @@ import time
 import torch
 from mpi4py import MPI
 
-from mpi_tools import ArrivalCounter, ClockSync, WordState
+from mpi_tools import ArrivalCounter, ClockSync
 
 from ..errors import RankFailedError, report
 from ..lifecycle import advise_keepalives
@@ -153,10 +153,11 @@ class StepEngine:
         self._thread.start()
         self.watchdog.start()
 
-    def notify_if_completed(self, t: int, before: WordState, after: WordState) -> None:
-        """This rank's operation on step ``t``'s word took it from open to complete: tell the attached ranks
-        that may still be waiting for it (:mod:`.notice`)."""
+    def notify_if_completed(self, t: int, before: int, added: int) -> None:
+        """If this rank's operation on step ``t``'s word (which read ``before`` and added ``added``) took it
+        from open to complete, tell the attached ranks that may still be waiting for it (:mod:`.notice`)."""
         n, k = self.attached_count(), self.step_quorum()
+        before, after = ArrivalCounter.decode(before), ArrivalCounter.decode(before + added)
         if not before.complete(k, n) and after.complete(k, n) and after.arrivals + after.stops < n:
             self.notices.send(t, self.members.ranks() if self.members is not None else range(self.size))
 
