@@ -229,6 +229,19 @@ def scale(out: str, quick: bool) -> dict:
     return _load(path)
 
 
+@experiment("inclusion")
+def inclusion(out: str, quick: bool) -> dict:
+    """With overlap: the hand-in at step(), the decision at the first bucket and per bucket, on 16 virtual
+    workers (``python -m hvd_backup.bench.inclusion``, see docs/RESULTS.md 10.3)."""
+    path = os.path.join(out, "inclusion.json")
+    cmd = [sys.executable, "-m", "hvd_backup.bench.inclusion", "--out", path]
+    cmd += ["--tasks", "digits", "--epochs", "10"] if quick else []
+    print("+", " ".join(cmd[1:]), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit("bench: the inclusion study failed")
+    return _load(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hvd_backup.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (few steps, one repetition)")

@@ -6,7 +6,10 @@ count are computed.
   computed on its parameters; the update is the wrapped SGD's step on the mean of the included gradients (the
   reweighting: divided by their count, not by N); a worker whose gradient comes after its step closed loses it
   and restarts on the newest parameters. ``sync`` is b = 0 (``hvd.DistributedOptimizer``'s mean over all N);
-  ``auto`` re-chooses b with the engine's own :class:`~hvd_backup.protocol.adaptive.AutoBackup`.
+  ``auto`` re-chooses b with the engine's own :class:`~hvd_backup.protocol.adaptive.AutoBackup`. With the
+  gradient in buckets (``job.overlap``) the clock is :class:`~hvd_backup.planning.simulate.BucketSchedule`, and
+  where the ranks in for the buckets differ (``Inclusion.BUCKET``) each bucket's part of the update is the mean
+  over its own ranks.
 * ``async`` (:func:`train_async`): each update is applied when it lands, computed on the parameters the worker
   read; its staleness is the number of updates that landed between that read and this write; each worker keeps
   its own momentum on its own gradients, weight decay on the parameters it read (as ``--mode async``).
@@ -22,7 +25,7 @@ from ...protocol.adaptive import AutoBackup
 from ...records import ClosedBy, Status, StepRecord
 from ...tensors import flat_views
 from ...train.trainer import step_seed
-from ..simulate import Schedule
+from ..simulate import Inclusion, Schedule
 from .async_clock import AsyncSchedule
 from .workers import fetch
 
@@ -48,17 +51,32 @@ def train_steps(job) -> dict:
         auto = AutoBackup(n, every=cfg.auto_every, b_min=0, b_max=job.settings.b_max)
     taken: dict[tuple[int, int], list[int]] = {}  # (rank, version) -> the batch that gradient is computed on
 
-    def start(rank: int, version: int) -> float:
+    def take(rank: int, version: int) -> None:
         taken[(rank, version)] = job.streams[rank].next(version)  # the loop takes its batch as it starts
+
+    def start(rank: int, version: int) -> float:
+        take(rank, version)
         return job.work(rank, version)
 
     comm_s = job.network.step_s(n, job.nbytes, counter=cfg.mode == "backup")
-    clock = Schedule(n, start, comm_s)
+    if job.overlap is None:
+        clock = Schedule(n, start, comm_s)
+    else:
+        counters = 0 if cfg.mode != "backup" else len(job.groups) if job.overlap.inclusion is Inclusion.BUCKET else 1
+        clock = job.clock(take, counters)
     together = _batch_independent(model)
-    dropped, chosen, last, last_duration = [0] * n, [[0, b]], 0.0, 0.0
+    dropped, chosen, last, last_duration, mixed = [0] * n, [[0, b]], 0.0, 0.0, 0
     for t in range(trainer.total):
         k = n if t == 0 else n - b  # step 0 waits for every rank (the protocol's start-up)
-        included, seconds = clock.close(k)
+        if job.overlap is None:
+            included, seconds = clock.close(k)
+            sets = [included]
+        else:
+            sets, seconds = clock.close(k)
+            included = list(dict.fromkeys(r for members in sets for r in members))
+            job.sets.append([sorted(members) for members in sets])
+        per_bucket = any(set(members) != set(sets[0]) for members in sets)
+        mixed += per_bucket
         batches = [fetch(job.train, taken.pop((rank, t)), job.device) for rank in included]
         for key in [key for key in taken if key[1] <= t]:  # gradients still being computed on t: never used
             del taken[key]
@@ -70,7 +88,9 @@ def train_steps(job) -> dict:
             group["lr"] = trainer.lr_at(t)
         opt.zero_grad()
         losses = {}
-        if together:
+        if per_bucket:
+            _mean_per_bucket(job, t, included, batches, sets, losses)
+        elif together:
             out = model(torch.cat([x for x, _ in batches]))
             at = 0
             for rank, (_, y) in zip(included, batches):
@@ -100,7 +120,24 @@ def train_steps(job) -> dict:
             job.evaluate(s, clock.time)
     job.evaluate(trainer.total, clock.time)
     return job.summary(comm_s=comm_s, mean_step_s=clock.time / trainer.total, dropped_per_rank=dropped,
-                       gradients=n * trainer.total - sum(dropped), b_chosen=chosen)
+                       gradients=n * trainer.total - sum(dropped), b_chosen=chosen, per_bucket_steps=mixed)
+
+
+def _mean_per_bucket(job, t: int, included: list[int], batches: list, sets: list[list[int]], losses: dict) -> None:
+    """Leave in each parameter's ``.grad`` the mean of the gradients of the ranks in for its bucket; each of
+    ``included`` (the ranks in for any bucket, with their ``batches``) computes its own, into ``losses``."""
+    cfg, trainer, params = job.cfg, job.trainer, job.params
+    grads = {}
+    for rank, (x, y) in zip(included, batches):
+        for p in params:
+            p.grad = None
+        torch.manual_seed(step_seed(cfg.seed, rank, t))
+        losses[rank] = trainer.criterion(job.model(x), y)
+        losses[rank].backward()
+        grads[rank] = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    for group, members in zip(job.groups, sets):
+        for i in group:
+            params[i].grad = torch.stack([grads[rank][i] for rank in members]).sum(0) / len(members)
 
 
 def train_async(job) -> dict:

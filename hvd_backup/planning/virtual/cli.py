@@ -10,6 +10,12 @@ updates, the same points in data seen). Communication: for sync and backup a fix
 (``--overhead``), an allreduce of the model (ring or tree: bandwidth and latency terms) and, with backup
 workers, the counter's N serialized atomics (the planner's terms); for async every update's push and pull of the
 whole model through the links of the one rank that holds the parameters, plus ``--update-overhead``.
+
+``--inclusion step,first,bucket`` runs sync and backup with the gradient in buckets (``overlap=True``'s layout,
+``--bucket-cap-mb``, ``--first-bucket-mb``), one allreduce per bucket on the link, and each inclusion rule:
+``step`` (the hand-in at ``step()``), ``first`` (overlap, decided at the first bucket: what the optimizer does)
+and ``bucket`` (overlap, the first N - b ranks with a bucket ready are in for it); ``--delay-at`` says where a
+worker's delay falls in its step.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import torch
 from ...errors import UserError
 from ...train.config import parse_args
 from ..plan import parse_bandwidth, parse_count, parse_seconds
-from .job import run
+from ..simulate import Inclusion
+from .job import Overlap, run
 from .network import Network
-from .work import WorkTimes, trace_compute
+from .work import DELAY_AT, WorkTimes, trace_compute
 
 __all__ = ["main", "parse_backups"]
 
@@ -71,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", type=parse_count, default=None,
                         help="parameters on the wire, 4 bytes each (default: the model's own), e.g. 25.6M")
     parser.add_argument("--no-network", action="store_true", help="no bandwidth or latency terms, only fixed costs")
+    parser.add_argument("--inclusion", default=None,
+                        help="comma-separated: step, first, bucket: the gradient in buckets, with each of these "
+                             "inclusion rules (default: one whole gradient, the planner's clock)")
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="with --inclusion: the optimizer's")
+    parser.add_argument("--first-bucket-mb", type=float, default=1.0, help="with --inclusion: the first bucket's")
+    parser.add_argument("--backward-fraction", type=float, default=0.67,
+                        help="with --inclusion: the share of a gradient's compute that is the backward pass")
+    parser.add_argument("--delay-at", choices=DELAY_AT, default="start",
+                        help="with --inclusion: where a worker's delay falls: before the forward pass (the "
+                             "trainer's), spread over the compute, or one pause at a random point of the backward")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", help="write the results here (JSON)")
     return parser
@@ -79,9 +96,11 @@ def _parser() -> argparse.ArgumentParser:
 def row(r: dict) -> str:
     """One run as one line."""
     b = f"b={r['backup_workers']}" if r["mode"] == "backup" else ""
+    if "overlap" in r:
+        b += f" {r['overlap']['inclusion']}"
     reached = "-" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.2f}"
     extra = f"staleness {r['mean_staleness']:.1f}" if r["mode"] == "async" else f"dropped {sum(r['dropped_per_rank'])}"
-    return (f"N={r['ranks']:<5d}{r['mode']:7s}{b:8s}seed {r['seed']}  top1 {r['final_top1']:.4f}  "
+    return (f"N={r['ranks']:<5d}{r['mode']:7s}{b:15s}seed {r['seed']}  top1 {r['final_top1']:.4f}  "
             f"time {r['time_s']:8.2f}s  to target {reached:>7s}s  {extra}  ({r['wall_s']:.0f}s)")
 
 
@@ -97,6 +116,20 @@ def main(argv=None) -> int:
             raise UserError(f"--modes {args.modes!r} / --ranks {args.ranks!r}: modes from sync, backup, async; "
                             "ranks positive integers")
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [base.seed]
+        overlaps: list[Overlap | None] = [None]
+        if args.inclusion is not None:
+            try:
+                rules = [Inclusion(x.strip()) for x in args.inclusion.split(",") if x.strip()]
+            except ValueError:
+                rules = []
+            if not rules or args.bucket_cap_mb <= 0 or args.first_bucket_mb <= 0 \
+                    or not 0 <= args.backward_fraction <= 1:
+                raise UserError(f"--inclusion {args.inclusion!r} --bucket-cap-mb {args.bucket_cap_mb} "
+                                f"--first-bucket-mb {args.first_bucket_mb} --backward-fraction "
+                                f"{args.backward_fraction}: rules from {', '.join(i.value for i in Inclusion)}; "
+                                "bucket sizes > 0; a fraction between 0 and 1")
+            overlaps = [Overlap(rule, args.bucket_cap_mb, args.first_bucket_mb, args.backward_fraction,
+                                args.delay_at) for rule in rules]
         table, overhead = None, args.overhead or 0.0
         if args.trace:
             table, info = trace_compute(args.trace, straggler=args.trace_straggler, seed=base.seed)
@@ -117,14 +150,15 @@ def main(argv=None) -> int:
                 jobs += [dict(mode="backup", backup_workers=b) for b in parse_backups(args.backups, n)]
             else:
                 jobs.append(dict(mode=mode, backup_workers=0))
+        jobs = [(job, overlap) for job in jobs for overlap in (overlaps if job["mode"] != "async" else [None])]
         for seed in seeds:
-            for job in jobs:
+            for job, overlap in jobs:
                 every = base.eval_every * (n if job["mode"] == "async" else 1)
                 cfg = dataclasses.replace(base, seed=seed, eval_every=every, **job)
                 work = WorkTimes(n, compute=args.compute or 0.0, table=table, straggler=cfg.straggler, seed=seed,
                                  per_row=n if job["mode"] == "async" else 1)
                 try:
-                    result = run(cfg, n, work, network, target=args.target)
+                    result = run(cfg, n, work, network, target=args.target, overlap=overlap)
                 except (UserError, ValueError) as exc:
                     print(f"virtual: N={n} {job}: {exc}", file=sys.stderr)
                     return 2

@@ -5,32 +5,50 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 
 from ... import settings
 from ...train.config import TrainConfig
 from ...train.data import Split
+from ...buckets import bucket_groups
 from ...train.evaluation import Evaluator
+from ..simulate import BucketSchedule, Inclusion
 from .network import Network
-from .work import WorkTimes
+from .work import BucketTimes, WorkTimes
 from .workers import Ranks, WorkerBatches, in_memory
 
-__all__ = ["VirtualJob", "run"]
+__all__ = ["Overlap", "VirtualJob", "run"]
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """The gradient in buckets as ``overlap=True`` lays it out (``bucket_cap_mb``, a first bucket of
+    ``first_bucket_mb``), who is in for which bucket (:class:`~hvd_backup.planning.simulate.Inclusion`), and the
+    timeline of a worker's step (:class:`~.work.BucketTimes`)."""
+
+    inclusion: Inclusion
+    bucket_cap_mb: float = 25.0
+    first_bucket_mb: float = 1.0
+    backward_fraction: float = 0.67
+    delay_at: str = "start"
 
 
 class VirtualJob:
     """``cfg`` (its ``mode`` and ``backup_workers``) on ``n`` virtual workers, sized as the trainer sizes it for
     ``n`` ranks. :meth:`run` trains it; then ``model`` holds the final parameters, ``losses`` every step's
     training loss of each included worker (async: of every update's worker), ``included`` every step's included
-    workers (sync and backup)."""
+    workers (sync and backup; with overlap, those in for any bucket), ``sets`` (with overlap) those in for each
+    bucket."""
 
     def __init__(self, cfg: TrainConfig, n: int, work: WorkTimes, network: Network, *,
-                 target: float | None = None):
+                 target: float | None = None, overlap: Overlap | None = None):
         from mpi4py import MPI
 
         from ...train.trainer import Trainer
 
         cfg.check_world(n)
         self.cfg, self.n, self.work, self.network, self.target = cfg, n, work, network, target
+        self.overlap = overlap
         values = {"backup_workers": cfg.backup_workers if cfg.mode == "backup" else 0,
                   "max_backup_workers": cfg.max_backup_workers}
         self.settings = settings.check(values, size=n, spell=lambda k, v: f"--{k.replace('_', '-')} {v}:")
@@ -46,10 +64,16 @@ class VirtualJob:
                                    num_classes=split.num_classes, autocast=contextlib.nullcontext)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.nbytes = network.model_bytes or sum(p.numel() * p.element_size() for p in self.params)
+        # Parameter indices per bucket (one bucket without overlap), in backward order, as the optimizer cuts them.
+        self.groups = [range(len(self.params))]
+        if overlap is not None:
+            self.groups = bucket_groups([p.numel() for p in self.params], 4, overlap.bucket_cap_mb,
+                                        overlap.first_bucket_mb)
         self.streams = [WorkerBatches(self.trainer, rank) for rank in range(n)]
         self.evals: list[dict] = []
         self.losses: list[dict[int, float]] = []
         self.included: list[list[int]] = []
+        self.sets: list[list[list[int]]] = []  # with overlap: every step's ranks in for each bucket
 
     def run(self) -> dict:
         """Train; return the evaluations (step, simulated seconds, top-1), the final top-1, the simulated time,
@@ -61,6 +85,22 @@ class VirtualJob:
         result = train_async(self) if self.cfg.mode == "async" else train_steps(self)
         result["wall_s"] = time.monotonic() - tic
         return result
+
+    def clock(self, start, k_counters: int):
+        """The protocol's clock for :func:`~.algorithms.train_steps` with overlap: ``start(rank, version)`` is
+        called as each gradient starts; ``k_counters`` counter words are touched per step."""
+        sizes = [float(sum(self.params[i].numel() for i in group)) for group in self.groups]
+        scale = self.nbytes / sum(sizes)  # bytes on the wire per element
+        times = BucketTimes(self.work, sizes, backward_fraction=self.overlap.backward_fraction,
+                            delay_at=self.overlap.delay_at, seed=self.cfg.seed)
+
+        def ready(rank: int, version: int) -> list[float]:
+            start(rank, version)
+            return times(rank, version)
+
+        comm = [self.network.bucket_s(self.n, size * scale) for size in sizes]
+        return BucketSchedule(self.n, ready, comm, self.overlap.inclusion,
+                              close_s=self.network.close_s(self.n, counters=k_counters))
 
     def evaluate(self, step: int, at: float) -> None:
         """Evaluate the current parameters after ``step`` steps, at simulated second ``at``."""
@@ -75,9 +115,12 @@ class VirtualJob:
             seed=cfg.seed, straggler=cfg.straggler or "none", dataset=cfg.dataset, arch=self.trainer.arch,
             batch_size=cfg.batch_size, peak_lr=self.trainer.peak_lr, steps=self.trainer.total,
             final_top1=final["top1"], time_s=final["time"], target=self.target, time_to_target_s=reached,
-            evals=self.evals, **extra)
+            evals=self.evals, **({} if self.overlap is None else {"overlap": {
+                **{k: (v.value if isinstance(v, Inclusion) else v) for k, v in vars(self.overlap).items()},
+                "buckets": len(self.groups)}}), **extra)
 
 
-def run(cfg: TrainConfig, n: int, work: WorkTimes, network: Network, *, target: float | None = None) -> dict:
+def run(cfg: TrainConfig, n: int, work: WorkTimes, network: Network, *, target: float | None = None,
+        overlap: Overlap | None = None) -> dict:
     """Train ``cfg`` on ``n`` virtual workers (:class:`VirtualJob`); return its summary."""
-    return VirtualJob(cfg, n, work, network, target=target).run()
+    return VirtualJob(cfg, n, work, network, target=target, overlap=overlap).run()

@@ -31,6 +31,17 @@ class Network:
         return (self.overhead_s + allreduce_seconds(n, nbytes, self.bandwidth, self.latency_s, self.algorithm)
                 + (n * self.atomic_s if counter else 0.0))
 
+    def bucket_s(self, n: int, nbytes: float) -> float:
+        """Seconds of one bucket's allreduce (no fixed cost: :meth:`close_s` has it)."""
+        if self.bandwidth is None:
+            return 0.0
+        return allreduce_seconds(n, nbytes, self.bandwidth, self.latency_s, self.algorithm)
+
+    def close_s(self, n: int, *, counters: int) -> float:
+        """Seconds after a bucketed step's last allreduce: the fixed cost, and N atomics on each of ``counters``
+        counter words (one per step, or one per bucket)."""
+        return self.overhead_s + (0.0 if self.bandwidth is None else counters * n * self.atomic_s)
+
     def transfer_s(self, nbytes: float) -> float:
         """Seconds one copy of the model occupies one link."""
         return 0.0 if self.bandwidth is None else nbytes / self.bandwidth

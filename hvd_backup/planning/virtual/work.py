@@ -1,5 +1,6 @@
 """Seconds a virtual worker needs for each gradient: a compute time (fixed, or measured in a real run's metrics
-file) plus the delay the trainer's own straggler injector draws for that worker and step."""
+file) plus the delay the trainer's own straggler injector draws for that worker and step; with the gradient in
+buckets (:class:`BucketTimes`), when each bucket is ready, given where in the step the delay falls."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from mpi_tools.straggler import StragglerInjector
 from ...train.metrics import of_type, read_metrics
 from ..plan import Workload
 
-__all__ = ["WorkTimes", "trace_compute"]
+__all__ = ["DELAY_AT", "BucketTimes", "WorkTimes", "trace_compute"]
+
+# Where a worker's delay falls in its step: before the forward pass (the trainer's injector: slow data, a busy
+# host), spread over the whole compute (a slower device), or as one pause at a uniformly drawn point of the
+# backward pass (a preemption, a collector, a throttled device).
+DELAY_AT = ("start", "spread", "backward")
 
 
 class WorkTimes:
@@ -41,13 +47,48 @@ class WorkTimes:
                 self.rngs = [np.random.default_rng([seed, rank]) for rank in range(n)]
 
     def __call__(self, rank: int, version: int) -> float:
+        return sum(self.parts(rank, version))
+
+    def parts(self, rank: int, version: int) -> tuple[float, float]:
+        """The compute time and the injected delay of that gradient."""
         if self.table is not None:
             base = float(self.table[(version // self.per_row) % len(self.table), rank])
         elif self.pool is not None:
             base = float(self.pool[self.rngs[rank].integers(len(self.pool))])
         else:
             base = self.compute
-        return base + self.injector.delay(version, base, rank=rank)
+        return base, self.injector.delay(version, base, rank=rank)
+
+
+class BucketTimes:
+    """``ready(rank, version)``: seconds from the start of a gradient to each bucket's readiness, for
+    :class:`~hvd_backup.planning.simulate.BucketSchedule`. The forward pass is ``1 - backward_fraction`` of the
+    compute time; the backward pass produces the buckets in order, each taking its share ``sizes`` (bytes) of
+    it; the delay falls where ``delay_at`` (:data:`DELAY_AT`) says, a pause's point drawn per (seed, rank,
+    version)."""
+
+    def __init__(self, work: WorkTimes, sizes: list[float], *, backward_fraction: float = 0.67,
+                 delay_at: str = "start", seed: int = 0):
+        if delay_at not in DELAY_AT:
+            raise ValueError(f"delay_at={delay_at!r}: one of {', '.join(DELAY_AT)}")
+        if not 0 <= backward_fraction <= 1:
+            raise ValueError(f"backward_fraction={backward_fraction}: between 0 and 1")
+        self.work, self.delay_at, self.seed = work, delay_at, seed
+        self.backward_fraction = backward_fraction
+        self.done = np.cumsum(sizes) / float(sum(sizes))  # the share of the backward pass done at each bucket
+        self.done[-1] = 1.0
+
+    def __call__(self, rank: int, version: int) -> list[float]:
+        base, delay = self.work.parts(rank, version)
+        share = (1.0 - self.backward_fraction) + self.backward_fraction * self.done  # of the compute, per bucket
+        if self.delay_at == "start":
+            offsets = delay + base * share
+        elif self.delay_at == "spread":
+            offsets = (base + delay) * share
+        else:
+            pause_at = np.random.default_rng([self.seed, rank, version, 0xB0C]).random()
+            offsets = base * share + delay * (self.done > pause_at)
+        return offsets.tolist()
 
 
 def trace_compute(path: str, *, straggler: str | None = None, seed: int = 0) -> tuple[np.ndarray, dict]:
