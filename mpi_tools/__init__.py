@@ -1,5 +1,5 @@
-"""MPI-only building blocks of hvd_backup: the arrival counter, deadlines, a shared clock, straggler
-injection and the local launcher. Nothing here imports torch.
+"""MPI-only building blocks of hvd_backup: the arrival counter, deadlines, a shared clock, pending sends,
+straggler injection and the local launcher. Nothing here imports torch.
 
 Names are imported lazily, so that ``mpi_tools.launch`` and ``mpi_tools.straggler`` can be used by a process
 that must not initialise MPI itself (e.g. the one that starts ``mpirun``).
@@ -14,6 +14,7 @@ _WHERE = {
     "ClockSync": "clock",
     "Backoff": "deadline",
     "Deadline": "deadline",
+    "Pending": "pending",
     "StragglerInjector": "straggler",
     "parse_spec": "straggler",
 }

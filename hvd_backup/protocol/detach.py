@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpi_tools import Backoff
+from mpi_tools import Backoff, Pending
 
 from ..errors import ProtocolError
 from .apply import catch_up
@@ -79,7 +79,7 @@ class Membership:
         self._announced: set[int] = set()
         self._send_at: dict[int, list[int]] = {}  # join step -> ranks whose state goes out after the step before
         self._skipped: dict[int, list[bool]] = {}  # per detached rank, per step it missed: was the update skipped?
-        self._outgoing: list[tuple] = []  # requests with the buffers they send
+        self._outgoing = Pending()  # states and probes on their way
 
     def ranks(self) -> tuple[int, ...]:
         return tuple(r for r, a in enumerate(self.attached) if a)
@@ -166,7 +166,8 @@ class Membership:
             return
         took = {r: e[3] if e[3] is not None else PROBE_WAIT for r, e in self._probe.items()}
         # An unanswered probe stays posted until its answer comes: a rank on a slow link still sends it.
-        self._outgoing += [(e[0], e[1], None) for e in self._probe.values()]
+        for e in self._probe.values():
+            self._outgoing.add(e[0], e[1])
         self._probe = None
         culprit = self.blame(took)
         self._blamed = [culprit, self._blamed[1] + 1 if culprit == self._blamed[0] else 1] if culprit is not None \
@@ -224,7 +225,7 @@ class Membership:
         header = np.array([kind, version, payload.size], dtype=np.int64)
         requests = [self.comm.Isend([header, MPI.INT64_T], r, _HEADER),
                     self.comm.Isend([payload, MPI.BYTE], r, _STATE)]
-        self._outgoing.append((requests, header, payload))
+        self._outgoing.add(requests, header, payload)
 
     def serve(self) -> None:
         """Between polls (never inside an update). The host: answer the asks (a state of the current step at
@@ -246,7 +247,7 @@ class Membership:
                 self._asked.add(r)
             else:
                 self._send(r, STATE, self.eng.step, self._state(self.eng.step))
-        self._outgoing = [o for o in self._outgoing if not MPI.Request.Testall(o[0])]
+        self._outgoing.prune()
 
     def drain(self, timeout: float) -> None:
         """The host, at the end: let the last states reach their ranks (bounded)."""

@@ -11,6 +11,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from mpi_tools import Pending
+
 __all__ = ["CloseNotices"]
 
 _TAG = 81
@@ -25,17 +27,15 @@ class CloseNotices:
         self.comm = comm.Dup()
         self.rank = self.comm.Get_rank()
         self._closed: set[int] = set()
-        self._out: list[tuple] = []
+        self._out = Pending()
 
     def send(self, t: int, ranks) -> None:
         """Step ``t`` is complete: tell ``ranks`` (this rank is skipped)."""
         if not self.enabled:
             return
-        self._out = [o for o in self._out if not MPI.Request.Testall(o[0])]
+        self._out.prune()
         buf = np.array([t], dtype=np.int64)
-        requests = [self.comm.Isend([buf, MPI.INT64_T], r, _TAG) for r in ranks if r != self.rank]
-        if requests:
-            self._out.append((requests, buf))
+        self._out.add([self.comm.Isend([buf, MPI.INT64_T], r, _TAG) for r in ranks if r != self.rank], buf)
 
     def closed(self, t: int) -> bool:
         """Whether a notice says step ``t`` is complete. Takes the notices that came (those of steps before
@@ -60,14 +60,12 @@ class CloseNotices:
                 self._closed.add(int(buf[0]))
         if self._closed and min(self._closed) < current:
             self._closed = {s for s in self._closed if s >= current}
-        if self._out:
-            self._out = [o for o in self._out if not MPI.Request.Testall(o[0])]
+        self._out.prune()
 
     def free(self) -> None:
         """Collective. The last notices are small (sent eagerly): give them a moment, then let them go."""
         for _ in range(100):
-            self._out = [o for o in self._out if not MPI.Request.Testall(o[0])]
-            if not self._out:
+            if not self._out.prune():
                 break
             time.sleep(0.01)
         self.comm.Free()
