@@ -11,8 +11,8 @@ from hvd_backup.planning.simulate import BucketSchedule, Inclusion, Schedule
 from hvd_backup.planning.virtual import BucketTimes, Network, Overlap, VirtualJob, WorkTimes
 from hvd_backup.planning.virtual.cli import main
 from hvd_backup.train.config import parse_args
-from hvd_backup.train.data import ShardBatches, load_dataset
-from hvd_backup.train.models import build_model
+
+from tests.unit.digits_reference import digits_reference
 
 
 @pytest.fixture(autouse=True)
@@ -122,27 +122,7 @@ def test_a_per_bucket_step_applies_each_buckets_mean_over_its_own_ranks():
     assert job.sets == [[[0, 1, 2], [0, 1, 2]], [[0, 1], [1, 2]]]
     assert job.included == [[0, 1, 2], [0, 1, 2]] and result["per_bucket_steps"] == 1
 
-    torch.manual_seed(cfg.seed)
-    model = build_model("digits_cnn", num_classes=10, channels=1)
-    train = load_dataset("digits").train
-    x_all, y_all = train.tensors
-    shards = {rank: iter(ShardBatches(len(train), rank=rank, size=3, batch_size=8, seed=cfg.seed, epoch=0))
-              for rank in range(3)}
-    momentum = [torch.zeros_like(p) for p in model.parameters()]
-    for step, sets in enumerate(([(0, 1, 2), (0, 1, 2)], [(0, 1), (1, 2)])):
-        grads = {}
-        for rank in range(3):
-            batch = next(shards[rank])
-            model.zero_grad()
-            torch.nn.functional.cross_entropy(model(x_all[batch]), y_all[batch]).backward()
-            grads[rank] = [p.grad.clone() for p in model.parameters()]
-        lr = cfg.lr * 2 * 8 / 256 * (step + 1) / cfg.warmup_steps  # (N - b) x batch / 256, warming up
-        with torch.no_grad():
-            for i, p in enumerate(model.parameters()):
-                ranks = sets[0] if i >= 6 else sets[1]
-                mean = sum(grads[r][i] for r in ranks) / len(ranks)
-                momentum[i] = cfg.momentum * momentum[i] + mean + cfg.weight_decay * p
-                p -= lr * momentum[i]
+    model = digits_reference(cfg, 3, [[(0, 1, 2)] * 8, [(1, 2)] * 6 + [(0, 1)] * 2])
     for mine, theirs in zip(model.parameters(), job.model.parameters()):
         assert torch.allclose(mine, theirs, rtol=0, atol=1e-6)
 

@@ -12,9 +12,9 @@ from hvd_backup.planning.simulate import Schedule, simulate
 from hvd_backup.planning.virtual import AsyncSchedule, Network, VirtualJob, WorkTimes, trace_compute
 from hvd_backup.planning.virtual.cli import main
 from hvd_backup.train.config import parse_args
-from hvd_backup.train.data import ShardBatches, load_dataset
 from hvd_backup.train.metrics import of_type, read_metrics
-from hvd_backup.train.models import build_model
+
+from tests.unit.digits_reference import digits_reference
 
 QUIET = Network(bandwidth=None)  # no communication time
 
@@ -188,26 +188,7 @@ def test_a_backup_step_applies_the_mean_of_the_included_gradients():
     assert job.included == [[0, 1, 2, 3], [0, 1, 3]]
     assert result["dropped_per_rank"] == [0, 0, 1, 0]
 
-    torch.manual_seed(cfg.seed)
-    model = build_model("digits_cnn", num_classes=10, channels=1)
-    train = load_dataset("digits").train
-    x_all, y_all = train.tensors
-    shards = {rank: iter(ShardBatches(len(train), rank=rank, size=4, batch_size=8, seed=cfg.seed, epoch=0))
-              for rank in range(4)}
-    momentum = [torch.zeros_like(p) for p in model.parameters()]
-    for step, ranks in enumerate(((0, 1, 2, 3), (0, 1, 3))):
-        grads = []
-        for rank in ranks:
-            batch = next(shards[rank])
-            model.zero_grad()
-            torch.nn.functional.cross_entropy(model(x_all[batch]), y_all[batch]).backward()
-            grads.append([p.grad.clone() for p in model.parameters()])
-        lr = cfg.lr * 3 * 8 / 256 * (step + 1) / cfg.warmup_steps  # (N - b) x batch / 256, warming up
-        with torch.no_grad():
-            for i, p in enumerate(model.parameters()):
-                mean = sum(g[i] for g in grads) / len(ranks)
-                momentum[i] = cfg.momentum * momentum[i] + mean + cfg.weight_decay * p
-                p -= lr * momentum[i]
+    model = digits_reference(cfg, 4, [[(0, 1, 2, 3)] * 8, [(0, 1, 3)] * 8])
     for mine, theirs in zip(model.parameters(), job.model.parameters()):
         assert torch.allclose(mine, theirs, rtol=0, atol=1e-6)
 
