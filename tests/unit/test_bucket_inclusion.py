@@ -15,14 +15,6 @@ from hvd_backup.train.config import parse_args
 from tests.unit.digits_reference import digits_reference
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_hand_in_at_step_is_the_planners_clock():
     # Inclusion.STEP with one or two buckets whose allreduces add up to the planner's communication time: the
     # same included ranks, close times and seconds as Schedule, on random work, k = N at step 0.
