@@ -4,7 +4,10 @@
     about 1M parameters and one of about 10M, interleaved over repetitions, with where the time goes;
 (b) injected delays: measured time for a fixed number of steps against the ideal (a zero-overhead simulation of
     this protocol fed with the same delays and the compute times measured in the run), and plain sync against it;
-(c) latency of one fetch-and-op on the counter, and of a straggler learning that its step closed.
+(c) latency of one fetch-and-op on the counter, and of a straggler learning that its step closed;
+(d) pauses inside the backward pass (``--parts d``): b = 1 at ``step()`` and with overlap, each rank's delays
+    placed before the forward pass or between its first and its second bucket, where inclusion decided at the
+    first bucket makes everyone wait (docs/RESULTS.md 10.3).
 
     mpirun -np 4 python -m hvd_backup.bench.overhead --out overhead.json
 """
@@ -46,11 +49,12 @@ def build(size: str, seed: int = 0):
 
 def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmup: int = 3,
         trace: str | None = None, auto_max: int | None = None, backend: str = "horovod",
-        overlap: bool = False) -> dict:
+        overlap: bool = False, delay_at: str = "start") -> dict:
     """Train ``steps`` global steps with ``variant`` ("horovod", "ddp", "b0", "b1", ..., "auto"; ours on
     ``backend``, with ``overlap`` or not); rank 0's wall time, this rank's compute times, and (ours) the step
     records; rank 0 writes them to ``trace`` in the trainer's metrics format when given. "ddp" needs
-    torch.distributed's default group."""
+    torch.distributed's default group. The injected delay comes before the forward pass, or with ``delay_at=
+    "backward"`` when the backward pass reaches the first layer's output (after the other layers' gradients)."""
     comm = MPI.COMM_WORLD
     model, x, y = build(size)
     base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -70,6 +74,15 @@ def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmu
     computes: dict[int, float] = {}
     done, last = 0, 0.0
     start = None
+    now = {"v": 0}
+    if delay_at == "backward":
+        def pause(grad):
+            injector.sleep(now["v"], last)
+
+        def on_forward(module, inputs, out):
+            out.register_hook(pause)  # runs when the backward pass reaches the first layer's output
+
+        model[1].register_forward_hook(on_forward)
     while (opt.global_step if ours else done) < steps + warmup:
         v = opt.global_step if ours else done
         if v >= warmup and start is None:
@@ -77,7 +90,9 @@ def run(variant: str, size: str, steps: int, hvd, spec: str | None = None, warmu
             start = time.perf_counter()
             if ours:
                 opt.timings(reset=True)
-        injector.sleep(v, last)  # slow before the gradient exists, as a real straggler is
+        now["v"] = v
+        if delay_at == "start":
+            injector.sleep(v, last)  # slow before the gradient exists, as a real straggler is
         tic = time.perf_counter()
         opt.zero_grad()
         loss_fn(model(x), y).backward()
@@ -180,6 +195,21 @@ def part_b(hvd, steps: int) -> dict:
     return results
 
 
+def part_d(hvd, steps: int, reps: int) -> dict:
+    """ms per step for b = 1 at ``step()`` and with overlap on the 6M MLP (two buckets: the last two layers, then
+    the first); each step each rank pauses 0.2 s with probability 0.25, before the forward pass or between the two
+    buckets; interleaved over repetitions, medians."""
+    spec, per = "tail:p=0.25,delay=0.2", {}
+    for _ in range(reps):
+        for where in ("start", "backward"):
+            for variant in ("b1", "b1 ov"):
+                r = run("b1", "6M", steps, hvd, spec=spec, warmup=2, overlap=variant.endswith("ov"), delay_at=where)
+                per.setdefault(where, {}).setdefault(variant, []).append(r["ms_per_step"])
+    return {"spec": spec, "steps": steps,
+            "ms_per_step": {w: {v: statistics.median(ms) for v, ms in d.items()} for w, d in per.items()},
+            "all_ms": per}
+
+
 def part_c(ops: int = 2000) -> dict:
     """One rank times ``ops`` counter operations on the host's window while the others keep MPI progressing."""
     comm = MPI.COMM_WORLD
@@ -196,7 +226,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--parts", default="abc")
+    parser.add_argument("--parts", default="abcd")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     hvd = start_horovod_job()
@@ -208,6 +238,8 @@ def main(argv=None) -> int:
         result["a_no_stragglers"] = part_a(hvd, args.steps, args.reps)
     if "b" in args.parts:
         result["b_injected_delays"] = part_b(hvd, args.steps)
+    if "d" in args.parts:
+        result["d_pauses_in_backward"] = part_d(hvd, args.steps, args.reps)
     if comm.Get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1, default=float)

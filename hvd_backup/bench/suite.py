@@ -61,6 +61,10 @@ def overhead(out: str, quick: bool) -> dict:
             for spec, r in b.items()])
     _table("(c) one counter operation from a rank to the host, shared memory (us)", [8, 16, 14],
            ["op", "median", "p99"], [[op, f"{r['median_us']:.1f}", f"{r['p99_us']:.1f}"] for op, r in c.items()])
+    d = result["d_pauses_in_backward"]
+    _table(f"(d) 4 ranks, b=1, 6M, {d['spec']}: ms per step by where the pause falls", [10, 12, 12],
+           ["pause", "at step()", "overlap"],
+           [[where, f"{r['b1']:.1f}", f"{r['b1 ov']:.1f}"] for where, r in d["ms_per_step"].items()])
     return result
 
 
