@@ -174,10 +174,9 @@ class BucketSchedule:
             rank = min(stale, key=lambda r: (self._at(r, -1), r))
             seconds[rank] = self._offsets[rank][-1]
             self._begin(rank, max(self._at(rank, -1), self.time))
-        counted = set()
-        for rank in dict.fromkeys(r for members in sets for r in members):
+        counted = {r for members in sets for r in members}
+        for rank in counted:
             seconds[rank] = self._offsets[rank][-1]
-            counted.add(rank)
         self.version += 1
         self.time = end
         for rank in range(self.n):  # done by the time the update exists: start on it then

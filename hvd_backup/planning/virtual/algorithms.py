@@ -25,7 +25,7 @@ from ...protocol.adaptive import AutoBackup
 from ...records import ClosedBy, Status, StepRecord
 from ...tensors import flat_views
 from ...train.trainer import step_seed
-from ..simulate import Inclusion, Schedule
+from ..simulate import Schedule
 from .async_clock import AsyncSchedule
 from .workers import fetch
 
@@ -62,8 +62,7 @@ def train_steps(job) -> dict:
     if job.overlap is None:
         clock = Schedule(n, start, comm_s)
     else:
-        counters = 0 if cfg.mode != "backup" else len(job.groups) if job.overlap.inclusion is Inclusion.BUCKET else 1
-        clock = job.clock(take, counters)
+        clock = job.clock(take)
     together = _batch_independent(model)
     dropped, chosen, last, last_duration, mixed = [0] * n, [[0, b]], 0.0, 0.0, 0
     for t in range(trainer.total):

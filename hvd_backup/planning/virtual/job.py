@@ -4,13 +4,13 @@ N ranks, evaluations on the virtual clock, and the run's summary."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from dataclasses import dataclass
 
 from ... import settings
+from ...buckets import bucket_groups
 from ...train.config import TrainConfig
 from ...train.data import Split
-from ...buckets import bucket_groups
 from ...train.evaluation import Evaluator
 from ..simulate import BucketSchedule, Inclusion
 from .network import Network
@@ -20,7 +20,7 @@ from .workers import Ranks, WorkerBatches, in_memory
 __all__ = ["Overlap", "VirtualJob", "run"]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Overlap:
     """The gradient in buckets as ``overlap=True`` lays it out (``bucket_cap_mb``, a first bucket of
     ``first_bucket_mb``), who is in for which bucket (:class:`~hvd_backup.planning.simulate.Inclusion`), and the
@@ -86,9 +86,12 @@ class VirtualJob:
         result["wall_s"] = time.monotonic() - tic
         return result
 
-    def clock(self, start, k_counters: int):
+    def clock(self, start) -> BucketSchedule:
         """The protocol's clock for :func:`~.algorithms.train_steps` with overlap: ``start(rank, version)`` is
-        called as each gradient starts; ``k_counters`` counter words are touched per step."""
+        called as each gradient starts. Backup workers touch one counter word per step, or one per bucket with
+        ``Inclusion.BUCKET``; sync none."""
+        counters = 0 if self.cfg.mode != "backup" else \
+            len(self.groups) if self.overlap.inclusion is Inclusion.BUCKET else 1
         sizes = [float(sum(self.params[i].numel() for i in group)) for group in self.groups]
         scale = self.nbytes / sum(sizes)  # bytes on the wire per element
         times = BucketTimes(self.work, sizes, backward_fraction=self.overlap.backward_fraction,
@@ -100,7 +103,7 @@ class VirtualJob:
 
         comm = [self.network.bucket_s(self.n, size * scale) for size in sizes]
         return BucketSchedule(self.n, ready, comm, self.overlap.inclusion,
-                              close_s=self.network.close_s(self.n, counters=k_counters))
+                              close_s=self.network.close_s(self.n, counters=counters))
 
     def evaluate(self, step: int, at: float) -> None:
         """Evaluate the current parameters after ``step`` steps, at simulated second ``at``."""
@@ -115,9 +118,9 @@ class VirtualJob:
             seed=cfg.seed, straggler=cfg.straggler or "none", dataset=cfg.dataset, arch=self.trainer.arch,
             batch_size=cfg.batch_size, peak_lr=self.trainer.peak_lr, steps=self.trainer.total,
             final_top1=final["top1"], time_s=final["time"], target=self.target, time_to_target_s=reached,
-            evals=self.evals, **({} if self.overlap is None else {"overlap": {
-                **{k: (v.value if isinstance(v, Inclusion) else v) for k, v in vars(self.overlap).items()},
-                "buckets": len(self.groups)}}), **extra)
+            evals=self.evals, **({} if self.overlap is None else {"overlap": dict(
+                dataclasses.asdict(self.overlap), inclusion=self.overlap.inclusion.value, buckets=len(self.groups))}),
+            **extra)
 
 
 def run(cfg: TrainConfig, n: int, work: WorkTimes, network: Network, *, target: float | None = None,

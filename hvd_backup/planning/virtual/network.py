@@ -26,13 +26,11 @@ class Network:
     def step_s(self, n: int, nbytes: float, *, counter: bool) -> float:
         """Seconds added to every synchronous step: fixed cost, allreduce, and (backup workers) the counter's N
         atomics."""
-        if self.bandwidth is None:
-            return self.overhead_s
-        return (self.overhead_s + allreduce_seconds(n, nbytes, self.bandwidth, self.latency_s, self.algorithm)
-                + (n * self.atomic_s if counter else 0.0))
+        return self.bucket_s(n, nbytes) + self.close_s(n, counters=int(counter))
 
     def bucket_s(self, n: int, nbytes: float) -> float:
-        """Seconds of one bucket's allreduce (no fixed cost: :meth:`close_s` has it)."""
+        """Seconds of one allreduce of ``nbytes`` (a bucket, or the whole gradient; no fixed cost: :meth:`close_s`
+        has it)."""
         if self.bandwidth is None:
             return 0.0
         return allreduce_seconds(n, nbytes, self.bandwidth, self.latency_s, self.algorithm)

@@ -74,20 +74,19 @@ class BucketTimes:
         if not 0 <= backward_fraction <= 1:
             raise ValueError(f"backward_fraction={backward_fraction}: between 0 and 1")
         self.work, self.delay_at, self.seed = work, delay_at, seed
-        self.backward_fraction = backward_fraction
         self.done = np.cumsum(sizes) / float(sum(sizes))  # the share of the backward pass done at each bucket
         self.done[-1] = 1.0
+        self.share = (1.0 - backward_fraction) + backward_fraction * self.done  # of the compute, per bucket
 
     def __call__(self, rank: int, version: int) -> list[float]:
         base, delay = self.work.parts(rank, version)
-        share = (1.0 - self.backward_fraction) + self.backward_fraction * self.done  # of the compute, per bucket
         if self.delay_at == "start":
-            offsets = delay + base * share
+            offsets = delay + base * self.share
         elif self.delay_at == "spread":
-            offsets = (base + delay) * share
+            offsets = (base + delay) * self.share
         else:
             pause_at = np.random.default_rng([self.seed, rank, version, 0xB0C]).random()
-            offsets = base * share + delay * (self.done > pause_at)
+            offsets = base * self.share + delay * (self.done > pause_at)
         return offsets.tolist()
 
 
