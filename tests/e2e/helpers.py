@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import time
@@ -43,11 +45,18 @@ def background(np_: int, args: list[str], log_path, *, shm: bool = True, program
     return proc
 
 
-def session_dir() -> str:
-    """A folder of its own for one job's Open MPI session directory (``OMPI_MCA_orte_tmpdir_base``), short
-    enough for the runtime's socket paths: mpiruns started at the same moment race to create the shared one
-    (/tmp/ompi.HOST.UID), and the loser fails in orte_init with "File exists". The caller removes it."""
-    return tempfile.mkdtemp(prefix="hvdb-ompi-", dir="/tmp")
+@contextlib.contextmanager
+def own_session():
+    """The environment that gives one job a folder of its own for its Open MPI session directory
+    (``OMPI_MCA_orte_tmpdir_base``), short enough for the runtime's socket paths; the folder is removed on exit.
+    Jobs that share /tmp/ompi.HOST.UID race on it: mpiruns started at the same moment to create it (the loser
+    fails in orte_init with "File exists"), and one ending while the next starts to remove it (the next cannot
+    open its shared-memory files)."""
+    path = tempfile.mkdtemp(prefix="hvdb-ompi-", dir="/tmp")
+    try:
+        yield {"OMPI_MCA_orte_tmpdir_base": path}
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def end_background_jobs() -> None:

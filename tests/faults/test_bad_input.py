@@ -4,13 +4,12 @@ mpirun takes from its ranks), no traceback, no hang. The jobs are independent, s
 
 import os
 import re
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from tests.e2e.helpers import TRAIN, launch, session_dir
+from tests.e2e.helpers import TRAIN, launch, own_session
 
 NP = 2
 WORKERS, JOB_TIMEOUT = 3, 60
@@ -86,12 +85,8 @@ def outcomes(tmp_path_factory):
     def one(name):
         args = [a.format(root=root) for a in CASES[name][0]]
         np_ = 1 if name == "different-flags-per-rank" else NP
-        session = session_dir()  # the jobs start at the same moment
-        try:
-            return name, launch(np_, args, timeout=JOB_TIMEOUT, tag_output=True,
-                                env={"OMPI_MCA_orte_tmpdir_base": session})
-        finally:
-            shutil.rmtree(session, ignore_errors=True)
+        with own_session() as session:  # the jobs start at the same moment
+            return name, launch(np_, args, timeout=JOB_TIMEOUT, tag_output=True, env=session)
 
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         return dict(pool.map(one, CASES))

@@ -10,7 +10,6 @@ printed what.
 
 import os
 import re
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from mpi_tools.launch import finish
-from tests.e2e.helpers import ROOT, background, session_dir
+from tests.e2e.helpers import ROOT, background, own_session
 
 HANG = 4.0  # hang_timeout of the runs
 # After hang_timeout: up to 15 s of diagnosis when the counter's host does not answer, then the abort's grace.
@@ -70,27 +69,25 @@ def watch(case: Case, log_path, window: float, hang_timeout: float) -> Outcome:
     options = KEEP_GOING if case.fault == "kill" else ()
     args = ["--victim", str(case.victim), "--fault", case.fault, "--hang-timeout", str(hang_timeout)]
     start = time.monotonic()
-    session = session_dir()  # the cases start at the same moment
-    proc = background(case.np, args, log_path, options=options, shm=case.shm, program=PROGRAM,
-                      env={"OMPI_MCA_orte_tmpdir_base": session})
-    lines, fault_at, ended_at, partial = [], None, None, ""
-    with open(log_path) as log:
-        while True:
-            now = time.monotonic() - start
-            if proc.poll() is not None:
-                ended_at = now
-            *complete, partial = (partial + log.read()).split("\n")
-            for line in complete:
-                lines.append((now, line))
-                if fault_at is None and f"rank {case.victim}: at step" in line:
-                    fault_at = now
-            if ended_at is not None:
-                break
-            if (fault_at is None and now > STARTUP) or (fault_at is not None and now > fault_at + window):
-                break
-            time.sleep(0.05)
-    finish(proc, 0)  # whatever is left of it (a frozen rank outlives mpirun)
-    shutil.rmtree(session, ignore_errors=True)
+    with own_session() as session:  # the cases start at the same moment
+        proc = background(case.np, args, log_path, options=options, shm=case.shm, program=PROGRAM, env=session)
+        lines, fault_at, ended_at, partial = [], None, None, ""
+        with open(log_path) as log:
+            while True:
+                now = time.monotonic() - start
+                if proc.poll() is not None:
+                    ended_at = now
+                *complete, partial = (partial + log.read()).split("\n")
+                for line in complete:
+                    lines.append((now, line))
+                    if fault_at is None and f"rank {case.victim}: at step" in line:
+                        fault_at = now
+                if ended_at is not None:
+                    break
+                if (fault_at is None and now > STARTUP) or (fault_at is not None and now > fault_at + window):
+                    break
+                time.sleep(0.05)
+        finish(proc, 0)  # whatever is left of it (a frozen rank outlives mpirun)
     return Outcome(lines + [(now, partial)], fault_at, None if ended_at is None else proc.returncode, ended_at)
 
 

@@ -6,14 +6,13 @@ its rank."""
 
 import os
 import re
-import shutil
 import sys
 import time
 
 import pytest
 
 from mpi_tools.launch import finish, start
-from tests.e2e.helpers import ROOT, session_dir
+from tests.e2e.helpers import ROOT, own_session
 
 SRUN_LIKE = ("--mca", "orte_abort_on_non_zero_status", "0", "--tag-output")
 STARTUP_S = 120  # from mpirun to the event, on a loaded 2-core machine
@@ -27,20 +26,14 @@ def run(tmp_path, np_, case, *, within, **options):
         argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     wrapped = ["sh", "-c", '"$@"; code=$?; echo "EXIT $code"; exit $code', "sh", *argv]
     log = tmp_path / "log"
-    # A session directory of its own: the previous case's mpirun may still be removing the shared one
-    # (/tmp/ompi.HOST.UID) while this one creates its shared-memory files in it ("open(2) ... No such file").
-    session = session_dir()
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMPI_MCA_orte_tmpdir_base=session)
-    try:
-        with open(log, "w") as out:
-            proc = start(np_, wrapped, env=env, cwd=ROOT, options=SRUN_LIKE, output=out)
-            deadline = time.monotonic() + STARTUP_S
-            while "EVENT" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            code = finish(proc, within + 5)
-    finally:
-        shutil.rmtree(session, ignore_errors=True)
+    # A session directory of its own: the previous case's mpirun may still be removing the shared one.
+    with own_session() as session, open(log, "w") as out:
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **session)
+        proc = start(np_, wrapped, env=env, cwd=ROOT, options=SRUN_LIKE, output=out)
+        deadline = time.monotonic() + STARTUP_S
+        while "EVENT" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code = finish(proc, within + 5)
     ended = time.time()
     text = log.read_text()
     found = re.search(r"EVENT \w+ ([\d.]+)", text)
